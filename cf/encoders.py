@@ -123,7 +123,8 @@ class VideoAutoencoder(FrozenByDefault):
             lower = max(1, 1 + (num_pixel_frames - 1) // temporal_factor * temporal_factor)
             raise ValueError(
                 f"A video of {num_pixel_frames} pixel frames cannot be encoded: the frame count must be "
-                f"1 + {temporal_factor}k (e.g. 81). Trim the clip to {lower} or pad it to {lower + temporal_factor} frames."
+                f"1 + {temporal_factor}k (e.g. 81). Trim the clip to {lower} or pad it to "
+                f"{lower + temporal_factor} frames."
             )
         return (num_pixel_frames - 1) // temporal_factor + 1
 
@@ -358,12 +359,14 @@ class ToyAutoencoder(VideoAutoencoder):
     Spatially each s x s x 3 patch is projected onto `toy_patch_basis` (decode = transpose). Temporally, encode averages
     pixel-frame groups [1, 4, 4, ...] and decode maps latent 0 to one frame and every later latent to 4 equal frames.
     `encode(decode(z)) == z` holds up to float rounding whenever `decode(z)` lies inside [-1, 1] (decode clamps), and
-    always with `clamp_output=False`. Flat colours survive `decode(encode(video))` exactly.
+    always with `clamp_output=False`. Patch-wise flat colours, constant over each group of frames, survive
+    `decode(encode(video))` exactly.
 
     Normalisation `(z - mean_c) / std_c`. `normalization="synthetic"` uses mean 0, std `s / sqrt(3)` for the colour
-    channels (exactly unit variance for patches of a uniformly random colour, e.g. 4.619 at s = 8) and std `s / 8` for the
-    pattern channels (1.0 at s = 8: edges and period-8 textures give pattern coefficients of order 0.2-1.5);
+    channels (exactly unit variance for patches of a uniformly random colour: 4.619 at s = 8) and std `s / 8` for
+    the pattern channels (1.0 at s = 8; edges and period-8 textures give pattern coefficients of order 0.2-1.5);
     `"none"` uses mean 0, std 1. Explicit `latents_mean`/`latents_std` override either.
+    With `temporal_factor != 4` pass it to the static `num_latent_frames`/`num_pixel_frames` (their default is 4).
     """
 
     def __init__(self, latent_channels: int = 4, spatial_factor: int = 8, temporal_factor: int = 4,
@@ -371,7 +374,8 @@ class ToyAutoencoder(VideoAutoencoder):
                  latents_std: Sequence[float] | None = None, clamp_output: bool = True) -> None:
         super().__init__()
         if spatial_factor < 1 or temporal_factor < 1:
-            raise ValueError(f"spatial_factor and temporal_factor must be >= 1, got {spatial_factor}, {temporal_factor}.")
+            raise ValueError(
+                f"spatial_factor and temporal_factor must be >= 1, got {spatial_factor} and {temporal_factor}.")
         self.latent_channels = latent_channels
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor

@@ -449,3 +449,14 @@ def test_hashed_cache_computes_repeated_prompts_once(monkeypatch):
     assert calls[-1] == [negative]
     with pytest.raises(TypeError, match="list of prompts"):
         encoder("a single string")
+
+
+def test_toy_other_temporal_factor():
+    ae = ToyAutoencoder(temporal_factor=2, normalization="none")
+    video = torch.arange(5, dtype=torch.float32).div(10).view(1, 1, 5, 1, 1).expand(1, 3, 5, 8, 8)
+    latents = ae.encode(video)
+    assert latents.shape[2] == ToyAutoencoder.num_latent_frames(5, temporal_factor=2) == 3
+    torch.testing.assert_close(latents[0, 0, :, 0, 0] / 8, torch.tensor([0.0, 0.15, 0.35]))
+    assert ae.decode(latents).shape[2] == ToyAutoencoder.num_pixel_frames(3, temporal_factor=2) == 5
+    with pytest.raises(ValueError, match=r"1 \+ 2k"):
+        ae.encode(torch.zeros(1, 3, 4, 8, 8))
