@@ -1,0 +1,138 @@
+"""Losses of Contextual DMD (method §F.6–F.7) and of the teacher's flow-matching fine-tuning (§E.3).
+
+Latents are ``[B, C, T, H, W]``; timesteps ``t`` are per-sample ``[B]`` values in [0, 1000].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cf.diffusion import training_weight
+
+__all__ = ["classifier_free_guidance", "critic_flow_loss", "dmd_generator_loss", "flow_matching_loss"]
+
+
+def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """``cond + scale·(cond − uncond)``: the real-score guidance of §F.6, effective CFG scale ``1 + scale``."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"cond and uncond must have the same shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}")
+    return cond + scale * (cond - uncond)
+
+
+def dmd_generator_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distribution-matching generator loss (§F.6 steps 5–6).
+
+    Args:
+        x: generator output ``[B, ...]`` (the target window; only the parts that carry grad receive gradient).
+        x0_real: real-score (teacher, guided) clean estimate of the re-noised ``x``, same shape.
+        x0_fake: fake-score (critic) clean estimate, same shape.
+
+    Returns:
+        ``(loss, stats)``. The loss is ``½·mean((x − stopgrad(x − Δ))²)`` evaluated in float64 and cast to x's dtype,
+        with ``Δ = (x0_fake − x0_real) / mean_{C,T,H,W}|x − x0_real|`` per sample (nan_to_num, detached), so
+        ``dL/dx = Δ / x.numel()``. The mean runs over every element of ``x``, including frames without grad
+        (§I.28: this only rescales the step). ``stats`` holds detached scalars for logging.
+    """
+    if not (x.shape == x0_real.shape == x0_fake.shape):
+        raise ValueError(
+            f"x, x0_real and x0_fake must have the same shape, got {tuple(x.shape)}, {tuple(x0_real.shape)}, "
+            f"{tuple(x0_fake.shape)}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"x must be batched as [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    with torch.no_grad():
+        x64 = x.detach().to(torch.float64)
+        real64 = x0_real.detach().to(torch.float64)
+        reduce_dims = tuple(range(1, x.ndim))
+        normalizer = (x64 - real64).abs().mean(dim=reduce_dims, keepdim=True)
+        raw_delta = x0_fake.detach().to(torch.float64) - real64
+        delta = torch.nan_to_num(raw_delta / normalizer)
+    x_grad64 = x.to(torch.float64)
+    loss = 0.5 * ((x_grad64 - (x_grad64 - delta).detach()) ** 2).mean()
+    stats = {
+        "dmd_gradient_abs_mean": delta.abs().mean().to(torch.float32),
+        "dmd_raw_delta_abs_mean": raw_delta.abs().mean().to(torch.float32),
+        "dmd_normalizer_mean": normalizer.mean().to(torch.float32),
+    }
+    return loss.to(x.dtype), stats
+
+
+def _select_frames(tensor: Tensor, frames: slice | None, name: str) -> Tensor:
+    if frames is None:
+        return tensor
+    if not isinstance(frames, slice):
+        raise TypeError(f"{name} must be a slice over the frame axis (e.g. slice(21, None)) or None, got {frames!r}")
+    if tensor.ndim != 5:
+        raise ValueError(f"frame selection needs tensors of shape [B, C, T, H, W], got {tuple(tensor.shape)}")
+    selected = tensor[:, :, frames]
+    if selected.shape[2] == 0:
+        raise ValueError(f"{name}={frames} selects no frames out of T={tensor.shape[2]}")
+    return selected
+
+
+def _weighted_velocity_mse(
+    flow_pred: Tensor,
+    noise: Tensor,
+    clean: Tensor,
+    t: Tensor | None,
+    weighting: bool,
+    frames: slice | None,
+    frames_name: str,
+    shift: float,
+) -> Tensor:
+    if not (flow_pred.shape == noise.shape == clean.shape):
+        raise ValueError(
+            f"flow_pred, noise and clean must have the same shape, got {tuple(flow_pred.shape)}, "
+            f"{tuple(noise.shape)}, {tuple(clean.shape)}"
+        )
+    if flow_pred.ndim < 2:
+        raise ValueError(f"inputs must be batched as [B, ...], got shape {tuple(flow_pred.shape)}")
+    dtype = torch.promote_types(flow_pred.dtype, torch.float32)
+    pred = _select_frames(flow_pred, frames, frames_name).to(dtype)
+    target = (_select_frames(noise, frames, frames_name) - _select_frames(clean, frames, frames_name)).to(dtype)
+    per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+    if weighting:
+        if t is None:
+            raise ValueError("weighting=True needs the per-sample timesteps t ([B])")
+        t_tensor = torch.as_tensor(t, device=pred.device)
+        if t_tensor.ndim == 0:
+            t_tensor = t_tensor.expand(pred.shape[0])
+        if t_tensor.shape != (pred.shape[0],):
+            raise ValueError(f"t must have shape [B] = [{pred.shape[0]}], got {tuple(t_tensor.shape)}")
+        per_sample = per_sample * training_weight(t_tensor, shift=shift).to(device=pred.device, dtype=dtype)
+    return per_sample.mean().to(flow_pred.dtype)
+
+
+def critic_flow_loss(
+    flow_pred: Tensor,
+    noise: Tensor,
+    clean: Tensor,
+    t: Tensor | None = None,
+    weighting: bool = False,
+    target_frames: slice | None = None,
+    shift: float = 5.0,
+) -> Tensor:
+    """Fake-score (critic) denoising loss (§F.7).
+
+    ``mean((v̂ − (ε − y))²)`` over the target frames (``target_frames`` along T, all frames if None), per sample
+    times w(t) when ``weighting`` (context critic, stage 2) and then averaged over the batch. Context frames do not
+    enter the loss. Shapes: ``flow_pred``, ``noise``, ``clean`` ``[B, C, T, H, W]``; ``t`` ``[B]``.
+    """
+    return _weighted_velocity_mse(flow_pred, noise, clean, t, weighting, target_frames, "target_frames", shift)
+
+
+def flow_matching_loss(
+    flow_pred: Tensor,
+    noise: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    weighting: bool = True,
+    frames: slice | None = None,
+    shift: float = 5.0,
+) -> Tensor:
+    """Teacher (ERFT) loss of §E.3 step 6: ``MSE(v̂, ε − x0)`` on the selected frames, times w(t) per sample.
+
+    ``noise`` is the (possibly error-injected) noise that built ``x_t``, ``x0`` the clean target latent.
+    """
+    return _weighted_velocity_mse(flow_pred, noise, x0, t, weighting, frames, "frames", shift)
