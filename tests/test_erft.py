@@ -560,3 +560,21 @@ def test_dense_layout_split():
     assert dense_layout(latents).num_context_frames == 6
     with pytest.raises(ValueError, match="num_context"):
         dense_layout(latents, 12)
+
+
+def test_long_layout_with_project_toy_autoencoder():
+    from cf.encoders import ToyAutoencoder
+
+    autoencoder = ToyAutoencoder(latent_channels=4, spatial_factor=2)
+    config = LongLayoutConfig(sink_latents=3, motion_latents=6, target_latents=6, sparse_stride=8,
+                              sparse_window_frames=16)
+    video = torch.rand(1, 3, 1 + 4 * 30, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    layout = long_layout(video, autoencoder, config)
+    clip_latents = autoencoder.encode(video)
+    assert layout.latents.shape == (1, 4, 17, 4, 4)
+    by_index = long_layout_from_latents(clip_latents, config)
+    for name in ("sink", "motion", "target"):  # the toy encoder has no temporal context across latents
+        torch.testing.assert_close(layout.segment(name), by_index.segment(name))
+    snippet = layout.source_pixel_frames[3]
+    snippet_latents = autoencoder.encode(video[:, :, snippet[0] - 1:snippet[-1] + 1])
+    torch.testing.assert_close(layout.latents[:, :, 3], snippet_latents[:, :, 1])
