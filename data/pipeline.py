@@ -1,0 +1,431 @@
+"""WebDataset streams of batches for the three data modes, with bad samples skipped and counted.
+
+Each DataLoader worker builds its own stream: shard list -> (node / worker split or resampling) -> tar samples
+(webdataset) -> shuffle buffer of raw samples -> decode -> batch. Batches are built inside the workers (use the
+DataLoader with ``batch_size=None``). Every batch carries ``batch["skipped"]``: reason -> number of samples this worker
+skipped since its previous batch. Skips after a worker's last batch are reported by a log warning instead.
+
+Randomness is a pure function of (seed, epoch, rank, worker) and, for clip starts, of (seed, epoch, shard, key), so
+seeded runs repeat exactly and each epoch differs. The epoch comes from :meth:`set_epoch` (called by
+:class:`EpochDataLoader` at every new iteration) plus the number of iterations a persistent worker has run.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.filters import _shuffle as shuffle_samples
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+from webdataset.utils import pytorch_worker_info
+
+from cf.video_io import decode_mp4, probe_mp4
+from data.clips import cover_scale, resample_indices, resize_cover_crop
+
+__all__ = [
+    "SKIP_REASONS",
+    "SkipCounter",
+    "StreamConfig",
+    "ShardStream",
+    "PromptFileStream",
+    "EpochDataLoader",
+    "read_prompt_file",
+]
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS: tuple[str, ...] = (
+    "unreadable_shard",  # a shard (or part of it) could not be opened or read as tar
+    "missing_video",  # no {key}.mp4
+    "corrupt_video",  # the mp4 does not decode, or ends early
+    "missing_caption",  # no {key}.txt, or it is empty / not UTF-8
+    "too_short",  # fewer frames (after fps resampling) than num_frames / min_frames, or latents than latent_frames
+    "wrong_size",  # frame or latent / text-embedding shape not usable for the configured batch
+    "missing_latent",  # no {key}.latent.pth
+    "missing_text",  # no {key}.text.pth
+    "corrupt_latent",  # a .pth member that does not load as a tensor
+)
+
+Mode = Literal["video", "latents", "prompts"]
+
+
+class SkipCounter:
+    """Counts skipped samples per reason; warns once per reason and worker with the first offending sample."""
+
+    def __init__(self, max_read_errors_in_a_row: int = 1000) -> None:
+        self.counts: Counter[str] = Counter()
+        self._warned: set[str] = set()
+        self.read_errors_in_a_row = 0
+        self.max_read_errors_in_a_row = max_read_errors_in_a_row
+
+    def skip(self, reason: str, sample: dict[str, Any] | None = None, detail: str = "") -> None:
+        self.counts[reason] += 1
+        where = ""
+        if sample is not None:
+            where = f" {sample.get('__key__', '?')} from {sample.get('__url__', '?')}"
+        message = f"skipping sample{where}: {reason}" + (f" ({detail})" if detail else "")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning(message + " [further skips of this kind are only counted]")
+        else:
+            log.debug(message)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset exception handler: count the read error and keep going (unless nothing is readable)."""
+        self.skip("unreadable_shard", None, repr(exn)[:300])
+        self.read_errors_in_a_row += 1
+        if self.read_errors_in_a_row > self.max_read_errors_in_a_row:
+            raise RuntimeError(
+                f"{self.read_errors_in_a_row} shard read errors in a row without a single sample; last: {exn!r}. "
+                "Check that the shard URLs point to readable WebDataset tar files."
+            ) from exn
+        return True
+
+    def take(self) -> dict[str, int]:
+        """Counts since the previous call."""
+        counts = dict(self.counts)
+        self.counts.clear()
+        return counts
+
+
+@dataclass
+class StreamConfig:
+    """What one stream produces; see :class:`data.VideoDataModule` for the meaning of each field."""
+
+    mode: Mode = "video"
+    batch_size: int = 1
+    drop_last: bool = True
+    num_frames: int = 81
+    min_frames: int = 0
+    height: int = 480
+    width: int = 832
+    fps: float = 16.0
+    clip_start: Literal["random", "start"] = "random"
+    max_upscale: float | None = None
+    latent_frames: int | None = None
+    latent_size: tuple[int, int] | None = None
+    text_length: int | None = None
+    shuffle_buffer: int = 0
+    resampled: bool = False
+    batches_per_epoch: int | None = None
+    split_by_node: bool = True
+    split_by_worker: bool = True
+    seed: int = 0
+
+
+def _stream_seed(*parts: Any) -> str:
+    # random.Random hashes str seeds with SHA-512: stable across processes and Python runs
+    return ":".join(str(p) for p in parts)
+
+
+def _worker_share(total: int, worker: int, num_workers: int) -> int:
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def _caption(sample: dict[str, Any]) -> str | None:
+    raw = sample.get("txt")
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    except UnicodeDecodeError:
+        return None
+    text = text.strip()
+    return text or None
+
+
+def _json(sample: dict[str, Any]) -> dict[str, Any]:
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _load_tensor(raw: bytes) -> torch.Tensor:
+    value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    return value
+
+
+class _EpochAware:
+    """Epoch = value given by set_epoch + iterations run since (so persistent workers advance on their own)."""
+
+    def __init__(self) -> None:
+        self._base_epoch = 0
+        self._iterations = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._base_epoch, self._iterations = int(epoch), 0
+
+    def _next_epoch(self) -> int:
+        epoch = self._base_epoch + self._iterations
+        self._iterations += 1
+        return epoch
+
+
+class ShardStream(_EpochAware, IterableDataset):
+    """Batches from WebDataset shards (``urls``: brace notation string or list of URLs WebDataset can open)."""
+
+    def __init__(self, urls: str | list[str], config: StreamConfig) -> None:
+        super().__init__()
+        self.urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError(f"no shard URLs in {urls!r}")
+        self.config = config
+
+    def __len__(self) -> int:
+        if self.config.batches_per_epoch is None:
+            raise TypeError("this stream has no fixed length (set batches_per_epoch)")
+        return self.config.batches_per_epoch
+
+    # ---------------------------------------------------------------- shards
+    def _shard_urls(self, epoch: int, rank: int, world: int, worker: int, num_workers: int) -> Iterator[dict]:
+        cfg = self.config
+        if cfg.resampled:
+            rng = random.Random(_stream_seed(cfg.seed, "shards", epoch, rank, worker))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        urls = list(self.urls)
+        if cfg.shuffle_buffer > 1:
+            random.Random(_stream_seed(cfg.seed, "shard-order", epoch)).shuffle(urls)  # same order on every rank
+        if cfg.split_by_node:
+            urls = urls[rank::world]
+        if cfg.split_by_worker:
+            urls = urls[worker::num_workers]
+        for url in urls:
+            yield {"url": url}
+
+    # ---------------------------------------------------------------- decoding
+    def _decode_video(self, sample: dict, counter: SkipCounter, epoch: int) -> dict | None:
+        cfg = self.config
+        data = sample.get("mp4")
+        if data is None:
+            counter.skip("missing_video", sample)
+            return None
+        try:
+            info = probe_mp4(data)
+        except Exception as exn:  # PyAV raises many error types for broken files
+            counter.skip("corrupt_video", sample, repr(exn)[:200])
+            return None
+        indices = resample_indices(info.num_frames, info.fps, cfg.fps)
+        needed = max(cfg.num_frames, cfg.min_frames)
+        if len(indices) < needed:
+            counter.skip("too_short", sample, f"{len(indices)} frames at {cfg.fps:g} fps, need {needed}")
+            return None
+        if cfg.max_upscale is not None:
+            scale = cover_scale(info.height, info.width, cfg.height, cfg.width)
+            if scale > cfg.max_upscale:
+                counter.skip("wrong_size", sample, f"{info.height}x{info.width} needs upscaling x{scale:.2f}")
+                return None
+        start = 0
+        if cfg.clip_start == "random":
+            rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
+            start = rng.randint(0, len(indices) - cfg.num_frames)
+        try:
+            frames, _ = decode_mp4(data, indices[start : start + cfg.num_frames])
+        except Exception as exn:
+            counter.skip("corrupt_video", sample, repr(exn)[:200])
+            return None
+        return {"video": resize_cover_crop(frames, cfg.height, cfg.width)}
+
+    def _decode_latents(self, sample: dict, counter: SkipCounter, epoch: int) -> dict | None:
+        cfg = self.config
+        tensors = {}
+        for member, name, missing in (("latent.pth", "latents", "missing_latent"), ("text.pth", "text", "missing_text")):
+            if sample.get(member) is None:
+                counter.skip(missing, sample)
+                return None
+            try:
+                tensors[name] = _load_tensor(sample[member])
+            except Exception as exn:
+                counter.skip("corrupt_latent", sample, f"{member}: {repr(exn)[:200]}")
+                return None
+        latents, text = tensors["latents"], tensors["text"]
+        if latents.ndim != 4 or text.ndim != 2:
+            counter.skip("wrong_size", sample, f"latent {tuple(latents.shape)} / text {tuple(text.shape)}, "
+                         "expected [C, T, h, w] / [L, D]")
+            return None
+        if cfg.latent_size is not None and tuple(latents.shape[2:]) != tuple(cfg.latent_size):
+            counter.skip("wrong_size", sample, f"latent size {tuple(latents.shape[2:])} != {tuple(cfg.latent_size)}")
+            return None
+        if cfg.text_length is not None and text.shape[0] > cfg.text_length:
+            counter.skip("wrong_size", sample, f"text length {text.shape[0]} > text_length {cfg.text_length}")
+            return None
+        if cfg.latent_frames is not None:
+            available = latents.shape[1]
+            if available < cfg.latent_frames:
+                counter.skip("too_short", sample, f"{available} latent frames, need {cfg.latent_frames}")
+                return None
+            start = 0
+            if cfg.clip_start == "random":
+                rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
+                start = rng.randint(0, available - cfg.latent_frames)
+            latents = latents[:, start : start + cfg.latent_frames]
+        return {"latents": latents.contiguous(), "text": text, "text_length": _json(sample).get("text_length")}
+
+    def _decode(self, samples: Iterable[dict], counter: SkipCounter, epoch: int) -> Iterator[dict]:
+        mode = self.config.mode
+        for sample in samples:
+            counter.read_errors_in_a_row = 0
+            caption = _caption(sample)
+            if caption is None:
+                counter.skip("missing_caption", sample)
+                continue
+            if mode == "video":
+                decoded = self._decode_video(sample, counter, epoch)
+            elif mode == "latents":
+                decoded = self._decode_latents(sample, counter, epoch)
+            else:
+                decoded = {}
+            if decoded is None:
+                continue
+            decoded.update(caption=caption, key=sample["__key__"])
+            yield decoded
+
+    # ---------------------------------------------------------------- batching
+    def _batches(self, decoded: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
+        cfg = self.config
+        pending: list[dict] = []
+        reference_shape: tuple[int, ...] | None = None
+        for item in decoded:
+            if cfg.mode == "latents":
+                shape = tuple(item["latents"].shape)
+                if reference_shape is None:
+                    reference_shape = shape
+                elif shape != reference_shape:
+                    counter.skip("wrong_size", {"__key__": item["key"]},
+                                 f"latent {shape} differs from this stream's {reference_shape}; "
+                                 "set latent_frames / latent_size to fix the shape")
+                    continue
+            pending.append(item)
+            if len(pending) == cfg.batch_size:
+                yield self._collate(pending, counter.take())
+                pending = []
+        if pending and not cfg.drop_last:
+            yield self._collate(pending, counter.take())
+        leftover = counter.take()
+        if leftover:
+            log.warning(f"samples skipped after this worker's last batch (not in any batch['skipped']): {leftover}")
+
+    def _collate(self, items: list[dict], skipped: dict[str, int]) -> dict:
+        batch: dict[str, Any] = {
+            "caption": [item["caption"] for item in items],
+            "key": [item["key"] for item in items],
+            "skipped": skipped,
+        }
+        if self.config.mode == "video":
+            batch["video"] = torch.stack([item["video"] for item in items])
+        elif self.config.mode == "latents":
+            batch["latents"] = torch.stack([item["latents"] for item in items])
+            length = self.config.text_length
+            if length is None:
+                stored = [item["text_length"] for item in items if isinstance(item["text_length"], int)]
+                length = max([item["text"].shape[0] for item in items] + stored)
+            text = torch.zeros(len(items), length, items[0]["text"].shape[1], dtype=items[0]["text"].dtype)
+            for i, item in enumerate(items):
+                text[i, : item["text"].shape[0]] = item["text"]
+            batch["text"] = text
+        return batch
+
+    # ---------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.config
+        epoch = self._next_epoch()
+        rank, world, worker, num_workers = pytorch_worker_info()
+        counter = SkipCounter()
+        shards = self._shard_urls(epoch, rank, world, worker, num_workers)
+        samples = tarfile_samples(shards, handler=counter.handler)
+        if cfg.shuffle_buffer > 1:
+            rng = random.Random(_stream_seed(cfg.seed, "samples", epoch, rank, worker))
+            samples = shuffle_samples(samples, cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=rng)
+        batches = self._batches(self._decode(samples, counter, epoch), counter)
+        if cfg.batches_per_epoch is not None:
+            batches = itertools.islice(batches, _worker_share(cfg.batches_per_epoch, worker, num_workers))
+        return batches
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts of a text file, one per line; blank lines are ignored."""
+    with open(path, encoding="utf-8") as handle:
+        prompts = [line.strip() for line in handle]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts (expected one prompt per line)")
+    return prompts
+
+
+class PromptFileStream(_EpochAware, IterableDataset):
+    """Batches of prompts from a list (one per line of a prompt file).
+
+    ``endless=True`` (training): every rank and worker draws its own seeded permutations, pass after pass.
+    ``endless=False``: one pass in file order, split across ranks and workers, so each prompt appears exactly once.
+    Keys are ``prompt-<line index among non-blank lines>``.
+    """
+
+    def __init__(self, prompts: list[str], batch_size: int, endless: bool, seed: int = 0,
+                 batches_per_epoch: int | None = None, drop_last: bool = False) -> None:
+        super().__init__()
+        if not prompts:
+            raise ValueError("no prompts given")
+        self.prompts, self.batch_size, self.endless = list(prompts), batch_size, endless
+        self.seed, self.batches_per_epoch, self.drop_last = seed, batches_per_epoch, drop_last
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("this stream has no fixed length (set batches_per_epoch)")
+        return self.batches_per_epoch
+
+    def _indices(self, epoch: int, rank: int, world: int, worker: int, num_workers: int) -> Iterator[int]:
+        if not self.endless:
+            yield from range(len(self.prompts))[rank::world][worker::num_workers]
+            return
+        rng = random.Random(_stream_seed(self.seed, "prompts", epoch, rank, worker))
+        order = list(range(len(self.prompts)))
+        while True:
+            rng.shuffle(order)
+            yield from order
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._next_epoch()
+        rank, world, worker, num_workers = pytorch_worker_info()
+        indices = self._indices(epoch, rank, world, worker, num_workers)
+
+        def batches() -> Iterator[dict]:
+            while True:
+                chunk = list(itertools.islice(indices, self.batch_size))
+                if not chunk or (len(chunk) < self.batch_size and self.drop_last):
+                    return
+                yield {"caption": [self.prompts[i] for i in chunk], "key": [f"prompt-{i}" for i in chunk],
+                       "skipped": {}}
+
+        if self.batches_per_epoch is not None:
+            return itertools.islice(batches(), _worker_share(self.batches_per_epoch, worker, num_workers))
+        return batches()
+
+
+class EpochDataLoader(DataLoader):
+    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epochs_started = 0
+
+    def __iter__(self):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self._epochs_started)
+        self._epochs_started += 1
+        return super().__iter__()
