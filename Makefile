@@ -1,0 +1,31 @@
+# Set-up and entry points. Each target installs what is missing into .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PIP) -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'unexpected torch ' + torch.__version__)"
+	touch $@
+
+demo: install
+	$(VENV)/bin/cf demo $(ARGS)
+
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15 tests --nbmake notebooks $(ARGS)
+
+bench: install
+	$(PY) bench/chunk_cost.py
