@@ -55,7 +55,7 @@ def test_dmd_gradient_equals_normalised_delta_over_numel():
 
 
 def test_dmd_normaliser_is_per_sample():
-    base_x, base_real, base_fake = randn(1, 4, 3, 2, 2, seed=3), randn(1, 4, 3, 2, 2, seed=4), randn(1, 4, 3, 2, 2, seed=5)
+    base_x, base_real, base_fake = (randn(1, 4, 3, 2, 2, seed=s) for s in (3, 4, 5))
     # sample 1 is sample 0 at 10x the scale: its normalised update must be the same
     x = torch.cat([base_x, 10 * base_x]).requires_grad_()
     real = torch.cat([base_real, 10 * base_real])
