@@ -43,7 +43,7 @@ class VideoInfo:
 
 
 def as_fraction(fps: float | int | Fraction) -> Fraction:
-    """A frame rate as an exact fraction (29.97 -> 30000/1001); raises ValueError if not positive."""
+    """A frame rate as an exact fraction (floats: nearest with denominator <= 1001, so 30000/1001 survives)."""
     if isinstance(fps, Fraction):
         rate = fps
     elif isinstance(fps, int):

@@ -293,7 +293,7 @@ class ShardStream(_EpochAware, IterableDataset):
                 decoded = {}
             if decoded is None:
                 continue
-            decoded.update(caption=caption, key=sample["__key__"])
+            decoded.update(caption=caption, key=sample["__key__"], url=sample.get("__url__"))
             yield decoded
 
     # ---------------------------------------------------------------- batching
@@ -307,7 +307,7 @@ class ShardStream(_EpochAware, IterableDataset):
                 if reference_shape is None:
                     reference_shape = shape
                 elif shape != reference_shape:
-                    counter.skip("wrong_size", {"__key__": item["key"]},
+                    counter.skip("wrong_size", {"__key__": item["key"], "__url__": item["url"]},
                                  f"latent {shape} differs from this stream's {reference_shape}; "
                                  "set latent_frames / latent_size to fix the shape")
                     continue

@@ -1,0 +1,118 @@
+"""``cf data shards|synth|encode``: write video shards, the synthetic dataset, and latent shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exn})") from exn
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"dim\": 32}}', got {text!r}")
+    return value
+
+
+def _print_report(report) -> None:
+    print(f"wrote {report.num_samples} samples in {report.num_shards} shard(s): {report.urls}")
+    if report.skipped:
+        print("skipped: " + ", ".join(f"{reason}={count}" for reason, count in sorted(report.skipped.items())))
+
+
+def run_shards(args: argparse.Namespace) -> None:
+    """``cf data shards``: shard mp4 + caption pairs from a folder or a CSV."""
+    from data.shards import write_shards_from_csv, write_shards_from_folder
+
+    if (args.folder is None) == (args.csv is None):
+        raise SystemExit("cf data shards: give exactly one of --folder DIR or --csv FILE")
+    if args.folder is not None:
+        report = write_shards_from_folder(args.folder, args.out, maxcount=args.maxcount)
+    else:
+        report = write_shards_from_csv(args.csv, args.out, maxcount=args.maxcount, video_root=args.video_root)
+    _print_report(report)
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    """``cf data synth``: render the synthetic long-range dataset."""
+    from data.synthetic import write_synthetic_shards
+
+    splits = None
+    if args.val_clips is not None:
+        splits = {"train": args.num_clips - args.val_clips, "val": args.val_clips}
+    result = write_synthetic_shards(
+        args.out, num_clips=args.num_clips, seed=args.seed, splits=splits, maxcount=args.maxcount,
+        height=args.height, width=args.width, fps=args.fps, min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds, num_workers=args.workers,
+    )
+    for split, info in result.items():
+        print(f"{split}: {info['num_clips']} clips  urls={info['urls']}  prompts={info['prompts']}")
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    """``cf data encode``: video shards -> latent shards with the chosen autoencoder and text encoder."""
+    from cf.encoders import build_autoencoder, build_text_encoder
+    from data.encode import encode_shards
+
+    autoencoder = build_autoencoder(args.autoencoder, dtype=args.encoder_dtype, **args.autoencoder_args)
+    text_encoder = build_text_encoder(args.text_encoder, dtype=args.encoder_dtype, **args.text_encoder_args)
+    report = encode_shards(
+        args.inputs, args.out, autoencoder, text_encoder, num_frames=args.num_frames, height=args.height,
+        width=args.width, fps=args.fps, min_frames=args.min_frames, batch_size=args.batch_size,
+        maxcount=args.maxcount, latent_dtype=args.latent_dtype, device=args.device, num_workers=args.workers,
+    )
+    _print_report(report)
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``data`` command with sub-commands ``shards``, ``synth`` and ``encode``."""
+    parser = subparsers.add_parser("data", help="write video shards, the synthetic dataset, latent shards",
+                                   description=__doc__)
+    commands = parser.add_subparsers(dest="data_command", metavar="data_command", required=True)
+
+    shards = commands.add_parser("shards", help="shard x.mp4 + x.txt pairs (folder) or a videoFile,caption CSV")
+    shards.add_argument("--folder", default=None, help="folder of x.mp4 with captions in x.txt")
+    shards.add_argument("--csv", default=None, help="CSV with columns videoFile, caption")
+    shards.add_argument("--video-root", default=None, help="base of relative CSV paths (default: the CSV's folder)")
+    shards.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/train-%%06d.tar")
+    shards.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    shards.set_defaults(func=run_shards)
+
+    synth = commands.add_parser("synth", help="render the synthetic sprite dataset (train/val shards + prompts.txt)")
+    synth.add_argument("--out", required=True, help="output folder (gets <split>/shard-%%06d.tar, <split>/prompts.txt)")
+    synth.add_argument("--num-clips", type=int, default=256, help="clips over all splits (default 256)")
+    synth.add_argument("--val-clips", type=int, default=None, help="clips in 'val' (default 10%%)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--height", type=int, default=64)
+    synth.add_argument("--width", type=int, default=64)
+    synth.add_argument("--fps", type=int, default=16)
+    synth.add_argument("--min-seconds", type=float, default=10.0)
+    synth.add_argument("--max-seconds", type=float, default=30.0)
+    synth.add_argument("--maxcount", type=int, default=64, help="clips per shard (default 64)")
+    synth.add_argument("--workers", type=int, default=None, help="rendering processes (default: up to 2)")
+    synth.set_defaults(func=run_synth)
+
+    encode = commands.add_parser("encode", help="video shards -> latent shards (latent.pth, text.pth, txt, json)")
+    encode.add_argument("inputs", help="input video shards in brace notation, e.g. 'in/train-{000000..000009}.tar'")
+    encode.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/lat-%%06d.tar")
+    encode.add_argument("--autoencoder", default="toy", help="'toy' or a local Wan VAE folder (default toy)")
+    encode.add_argument("--autoencoder-args", type=_json_object, default={},
+                        help="JSON keyword arguments for the toy autoencoder, e.g. '{\"latent_channels\": 4}'")
+    encode.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
+    encode.add_argument("--text-encoder-args", type=_json_object, default={},
+                        help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 16}' or '{\"max_length\": 512}'")
+    encode.add_argument("--encoder-dtype", default="float32", help="dtype of the encoders (default float32)")
+    encode.add_argument("--latent-dtype", default="float32", help="dtype stored in the shards (e.g. bfloat16)")
+    encode.add_argument("--num-frames", type=int, default=81, help="pixel frames per clip, 1 + 4k (default 81)")
+    encode.add_argument("--min-frames", type=int, default=0, help="skip videos shorter than this after resampling")
+    encode.add_argument("--height", type=int, default=480)
+    encode.add_argument("--width", type=int, default=832)
+    encode.add_argument("--fps", type=float, default=16.0)
+    encode.add_argument("--batch-size", type=int, default=1)
+    encode.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    encode.add_argument("--device", default="cpu")
+    encode.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the videos")
+    encode.set_defaults(func=run_encode)
+    return parser

@@ -1,0 +1,142 @@
+"""cf.video_io: PyAV mp4 encode / decode / streaming writer."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from cf.video_io import (
+    Mp4Writer,
+    as_fraction,
+    decode_mp4,
+    encode_mp4,
+    pad_to_even,
+    probe_mp4,
+    read_video,
+    to_uint8_frames,
+)
+
+
+def flat_frames(levels, height=16, width=16):
+    """uint8 [T, H, W, 3]: frame i is a flat colour (level, 255 - level, level // 2)."""
+    levels = np.asarray(levels, dtype=np.int64)
+    colours = np.stack([levels, 255 - levels, levels // 2], axis=-1).astype(np.uint8)  # [T, 3]
+    return np.broadcast_to(colours[:, None, None, :], (len(levels), height, width, 3)).copy()
+
+
+def test_round_trip_keeps_frames_fps_and_size():
+    frames = flat_frames(np.arange(12) * 20)
+    data = encode_mp4(frames, fps=16)
+    decoded, fps = decode_mp4(data)
+    assert fps == 16.0
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    # flat colours survive H.264 + yuv420p up to colour-conversion rounding
+    assert np.abs(decoded.astype(int) - frames.astype(int)).max() <= 6
+
+
+def test_fractional_frame_rate_is_kept():
+    assert as_fraction(30000 / 1001) == Fraction(30000, 1001)
+    assert as_fraction(29.97) == Fraction(2997, 100)
+    data = encode_mp4(flat_frames([0, 50, 100]), fps=Fraction(30000, 1001))
+    assert probe_mp4(data).fps == Fraction(30000, 1001)
+    assert decode_mp4(data)[1] == pytest.approx(30000 / 1001)
+    with pytest.raises(ValueError, match="positive"):
+        as_fraction(0)
+
+
+def test_probe_matches_decoded_video():
+    frames = flat_frames(np.arange(9) * 25, height=24, width=40)
+    data = encode_mp4(frames, fps=8)
+    info = probe_mp4(data)
+    decoded, _ = decode_mp4(data)
+    assert (info.num_frames, info.height, info.width) == decoded.shape[:3] == (9, 24, 40)
+    assert info.fps == 8
+
+
+def test_odd_sizes_are_padded_by_repeating_the_last_row_and_column():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
+    padded = pad_to_even(frames)
+    assert padded.shape == (2, 6, 8, 3)
+    assert np.array_equal(padded[:, :5, :7], frames)
+    assert np.array_equal(padded[:, 5, :7], frames[:, 4])
+    assert np.array_equal(padded[:, :5, 7], frames[:, :, 6])
+    assert np.array_equal(padded[:, 5, 7], frames[:, 4, 6])
+    decoded, _ = decode_mp4(encode_mp4(flat_frames([10, 200], height=33, width=35), fps=16))
+    assert decoded.shape == (2, 34, 36, 3)
+
+
+def test_float_tensor_maps_minus_one_to_one_onto_0_to_255():
+    levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # exactly the level k for k = 0..255
+    video = levels.view(1, 256, 1, 1).expand(3, 256, 2, 2)
+    frames = to_uint8_frames(video)
+    assert frames.shape == (256, 2, 2, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames[:, 0, 0, 0], np.arange(256))
+    clamped = to_uint8_frames(torch.tensor([-3.0, 3.0]).view(1, 2, 1, 1).expand(3, 2, 2, 2))
+    assert clamped[0].max() == 0 and clamped[1].min() == 255
+
+
+def test_writer_streams_chunks_of_both_input_kinds(tmp_path):
+    path = tmp_path / "video.mp4"
+    first = flat_frames([0, 40, 80])
+    second_uint8 = flat_frames([120, 160])
+    second = torch.from_numpy(second_uint8).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, T, H, W]
+    with Mp4Writer(path, fps=16) as writer:
+        writer.write(first)
+        writer.write(second)
+        assert writer.frames_written == 5
+    decoded, fps = read_video(path)
+    expected = np.concatenate([first, second_uint8])
+    assert decoded.shape == expected.shape and fps == 16
+    assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 6
+
+
+def test_writer_writes_to_disk_before_close(tmp_path):
+    path = tmp_path / "long.mp4"
+    rng = np.random.default_rng(0)
+    writer = Mp4Writer(path, fps=16, preset="ultrafast")
+    for _ in range(4):
+        writer.write(rng.integers(0, 256, size=(25, 96, 96, 3), dtype=np.uint8))
+    assert path.stat().st_size > 0  # packets were muxed as they came, not kept until the end
+    writer.close()
+    assert probe_mp4(str(path)).num_frames == 100
+
+
+def test_decode_selected_indices_matches_full_decode():
+    frames = flat_frames(np.arange(20) * 12)
+    data = encode_mp4(frames, fps=16)
+    full, _ = decode_mp4(data)
+    indices = [7, 0, 3, 3, 12]
+    picked, _ = decode_mp4(data, frame_indices=indices)
+    assert np.array_equal(picked, full[indices])
+    with pytest.raises(ValueError, match="ended before frame 20"):
+        decode_mp4(data, frame_indices=[0, 20])
+
+
+def test_user_errors_have_clear_messages(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        encode_mp4(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[3, T, H, W\]"):
+        encode_mp4(torch.zeros(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        encode_mp4(np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        Mp4Writer(tmp_path / "no_such_folder" / "x.mp4").write(flat_frames([1]))
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        read_video(tmp_path / "missing.mp4")
+    writer = Mp4Writer(tmp_path / "x.mp4")
+    writer.write(flat_frames([1], height=8, width=8))
+    with pytest.raises(ValueError, match="frame size changed"):
+        writer.write(flat_frames([1], height=16, width=8))
+    writer.close()
+    with pytest.raises(ValueError, match="no frames"):
+        Mp4Writer(tmp_path / "empty.mp4").close()
+
+
+def test_corrupt_and_truncated_bytes_raise():
+    data = encode_mp4(flat_frames(np.arange(10) * 20), fps=16)
+    with pytest.raises(Exception):
+        decode_mp4(b"this is not an mp4 file" * 10)
+    with pytest.raises(Exception):
+        decode_mp4(data[: len(data) // 2])
