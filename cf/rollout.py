@@ -119,3 +119,127 @@ def stream(
         x0 = denoise_chunk(model, noise, text_kv, cache, start, timesteps, generator)
         commit_chunk(model, x0, text_kv, cache, start, sampling.commit_noise_sigma, generator)
         yield x0
+
+
+# ------------------------------------------------------------------------------------------------ training rollout
+@dataclass
+class RolloutConfig:
+    """The student's own rollout inside a training step (§F.4).
+
+    Length N = frames_per_chunk · b with b ~ U{min_blocks … cap(step)}, cap growing linearly from min_blocks to
+    max_blocks over `decay_steps` trainer steps (0: the cap is max_blocks at once). Gradient flows only through the
+    exit step of the chunks in the last `grad_window_frames` frames (18 by default: the final 21-frame target window
+    minus its first chunk, which is fully denoised); `grad_window_frames=None` gives Algorithm 1's every-chunk
+    variant. Chunks before the window are fully denoised (clean context); the others exit at the shared index r.
+    """
+
+    min_blocks: int = 7
+    max_blocks: int = 7
+    decay_steps: int = 0
+    grad_window_frames: int | None = 18
+    sampling: SamplingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_blocks <= self.max_blocks:
+            raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {self.min_blocks}, {self.max_blocks}")
+        if self.decay_steps < 0:
+            raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
+        self.sampling = self.sampling or SamplingConfig()
+
+
+def rollout_block_cap(step: int, min_blocks: int, max_blocks: int, decay_steps: int) -> int:
+    """⌊b_min + min(1, step / decay_steps)·(b_max − b_min)⌋ (§F.4 step 1)."""
+    progress = 1.0 if decay_steps <= 0 else min(1.0, step / decay_steps)
+    return int(min_blocks + progress * (max_blocks - min_blocks))
+
+
+def sample_num_blocks(step: int, config: RolloutConfig, generator: torch.Generator | None = None) -> int:
+    """b ~ U{b_min … cap(step)}; draw with a generator seeded identically on all ranks to share it."""
+    cap = rollout_block_cap(step, config.min_blocks, config.max_blocks, config.decay_steps)
+    return int(torch.randint(config.min_blocks, cap + 1, (1,), generator=generator))
+
+
+def sample_exit_index(num_steps: int, generator: torch.Generator | None = None) -> int:
+    """r ~ U{0 … num_steps − 1}, one per rollout, shared by all chunks (and all ranks, via a shared seed)."""
+    return int(torch.randint(0, num_steps, (1,), generator=generator))
+
+
+def train_rollout(
+    model: CausalWanDiT,
+    text_kv: list,
+    num_frames: int,
+    latent_size: tuple[int, int],
+    batch_size: int,
+    cache: KVCache,
+    exit_index: int,
+    config: RolloutConfig,
+    generator: torch.Generator | None = None,
+    grad: bool = True,
+) -> Tensor:
+    """Roll the student out for `num_frames` latent frames through `cache`; returns [B, C, N, h, w].
+
+    Only the exit-step outputs of the grad-window chunks carry gradient (when `grad`); every cache write and every
+    commit pass is detached. `exit_index` indexes the sampling steps (0 … K−1).
+    """
+    n = model.frames_per_chunk
+    if num_frames % n:
+        raise ValueError(f"num_frames must be a multiple of frames_per_chunk ({n}), got {num_frames}")
+    sampling = config.sampling
+    timesteps = sampling.timesteps()
+    steps = len(timesteps)
+    if not 0 <= exit_index < steps:
+        raise ValueError(f"exit_index must be in [0, {steps - 1}], got {exit_index}")
+    window = num_frames if config.grad_window_frames is None else config.grad_window_frames
+    grad_start = max(0, num_frames - window)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    shape = (batch_size, model.config.in_dim, n, *latent_size)
+    outputs = []
+    for start in range(0, num_frames, n):
+        last = steps - 1 if start <= grad_start else exit_index
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x0 = x
+        for k in range(last + 1):
+            t = float(timesteps[k])
+            with torch.set_grad_enabled(grad and k == last and start >= grad_start):
+                flow = model.forward_chunk(x, torch.full((batch_size,), t, device=device), text_kv, cache, start)
+                x0 = flow_to_x0(x, flow, t / 1000.0)
+            if k < last:
+                fresh = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                x = add_noise(x0.detach(), fresh, float(timesteps[k + 1]) / 1000.0)
+        outputs.append(x0)
+        with torch.no_grad():
+            commit_chunk(model, x0.detach(), text_kv, cache, start, sampling.commit_noise_sigma, generator)
+    return torch.cat(outputs, dim=2)
+
+
+def teacher_window(
+    frames: Tensor,
+    context_frames: int = 21,
+    target_frames: int = 21,
+    autoencoder=None,
+) -> tuple[Tensor | None, Tensor]:
+    """The window the teacher and critic score (§F.5): (context [B,C,Tc,h,w] detached or None, target [B,C,Tt,h,w]).
+
+    With N = context + target frames exactly (or N = target and no context) the frames are used as they are. With
+    more, the window starts with a 1-frame "image latent": the last pixel frame of the prefix, decoded and encoded
+    alone with `autoencoder` (pass None to use the prefix's last latent as is, e.g. for the exact toy autoencoder),
+    followed by the last (window − 1) frames.
+    """
+    total = frames.shape[2]
+    window = context_frames + target_frames
+    if total < window:
+        raise ValueError(f"a rollout of {total} frames is shorter than the teacher window ({context_frames} context + "
+                         f"{target_frames} target); lengthen the rollout or shorten the window")
+    if total > window:
+        prefix = frames[:, :, : total - window + 1]
+        if autoencoder is None:
+            first = prefix[:, :, -1:].detach()
+        else:
+            with torch.no_grad():
+                last_pixel = autoencoder.decode(prefix.detach().float())[:, :, -1:]
+                first = autoencoder.encode(last_pixel).to(frames.dtype)
+        frames = torch.cat([first, frames[:, :, total - window + 1 :]], dim=2)
+    if context_frames == 0:
+        return None, frames
+    return frames[:, :, :context_frames].detach(), frames[:, :, context_frames:]
