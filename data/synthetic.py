@@ -52,7 +52,7 @@ SPRITE_COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (245, 225, 30),
     "magenta": (225, 40, 225),
     "cyan": (30, 220, 230),
-    "orange": (250, 140, 20),
+    "orange": (250, 125, 10),
     "white": (245, 245, 245),
 }
 # dark colours, far from every sprite colour; the texture colour is the background colour lightened by 30 %
