@@ -102,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="JSON keyword arguments for the toy autoencoder, e.g. '{\"latent_channels\": 4}'")
     encode.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
     encode.add_argument("--text-encoder-args", type=_json_object, default={},
-                        help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 16}' or '{\"max_length\": 512}'")
+                        help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 16}' (hashed) "
+                             "or '{\"max_length\": 512}' (umT5)")
     encode.add_argument("--encoder-dtype", default="float32", help="dtype of the encoders (default float32)")
     encode.add_argument("--latent-dtype", default="float32", help="dtype stored in the shards (e.g. bfloat16)")
     encode.add_argument("--num-frames", type=int, default=81, help="pixel frames per clip, 1 + 4k (default 81)")

@@ -64,6 +64,8 @@ class VideoDataModule(pl.LightningDataModule):
         (``height``, ``width``) (rules in :mod:`data.clips`); a clip of ``num_frames`` (1 + 4k) starts at a seeded
         random frame (``clip_start="random"``) or at 0 (``"start"``; always for validation). Videos shorter than
         ``max(num_frames, min_frames)`` after resampling are skipped (the long teacher needs ``min_frames >= 160``).
+        ``num_frames=None`` takes whole videos of any length (at most ``max_frames``, placed like a clip), one per
+        batch, for the long teacher's layouts.
       * ``latents``: ``{key}.latent.pth`` ``[C,T,h,w]`` + ``{key}.text.pth`` ``[L,D]`` + ``{key}.txt`` ->
         ``{"latents": [B,C,T,h,w], "text": [B,L,D] zero-padded, "caption", "key"}``; ``latent_frames`` crops T.
         Text embeddings are zero-padded to ``text_length``, else to the ``text_length`` stored in ``{key}.json``,
@@ -91,8 +93,9 @@ class VideoDataModule(pl.LightningDataModule):
         batch_size: int = 1,
         val_batch_size: int | None = None,
         num_workers: int = 2,
-        num_frames: int = 81,
+        num_frames: int | None = 81,
         min_frames: int = 0,
+        max_frames: int | None = None,
         height: int = 480,
         width: int = 832,
         fps: float = 16.0,
@@ -136,15 +139,20 @@ class VideoDataModule(pl.LightningDataModule):
             raise ValueError(f"val_prompt_file is only used with mode='prompts' (mode is {mode!r})")
         if prompt_file is not None and train_urls is not None:
             raise ValueError("give either train_urls or prompt_file for training prompts, not both")
-        if mode == "video":
+        if mode == "video" and num_frames is not None:
             check_num_frames(num_frames)
+        if mode == "video" and num_frames is None and (batch_size != 1 or (val_batch_size or 1) != 1):
+            raise ValueError("num_frames=None (whole videos of varying length) needs batch_size=1 and val_batch_size=1")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
         self.save_hyperparameters()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.mode, self.prompt_file, self.val_prompt_file = mode, prompt_file, val_prompt_file
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
         self.num_workers, self.persistent_workers, self.pin_memory = num_workers, persistent_workers, pin_memory
         self._common = dict(
-            mode=mode, num_frames=int(num_frames), min_frames=int(min_frames), height=int(height), width=int(width),
+            mode=mode, num_frames=None if num_frames is None else int(num_frames), min_frames=int(min_frames),
+            max_frames=max_frames, height=int(height), width=int(width),
             fps=float(fps), max_upscale=max_upscale, latent_frames=latent_frames,
             latent_size=tuple(latent_size) if latent_size is not None else None, text_length=text_length,
             split_by_node=split_by_node, split_by_worker=split_by_worker, seed=int(seed),

@@ -69,10 +69,11 @@ class SkipCounter:
 
     def skip(self, reason: str, sample: dict[str, Any] | None = None, detail: str = "") -> None:
         self.counts[reason] += 1
-        where = ""
-        if sample is not None:
-            where = f" {sample.get('__key__', '?')} from {sample.get('__url__', '?')}"
-        message = f"skipping sample{where}: {reason}" + (f" ({detail})" if detail else "")
+        if sample is None:
+            message = f"shard read error, skipping what follows in that shard: {reason}"
+        else:
+            message = f"skipping sample {sample.get('__key__', '?')} from {sample.get('__url__', '?')}: {reason}"
+        message += f" ({detail})" if detail else ""
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning(message + " [further skips of this kind are only counted]")
@@ -104,8 +105,9 @@ class StreamConfig:
     mode: Mode = "video"
     batch_size: int = 1
     drop_last: bool = True
-    num_frames: int = 81
+    num_frames: int | None = 81
     min_frames: int = 0
+    max_frames: int | None = None
     height: int = 480
     width: int = 832
     fps: float = 16.0
@@ -222,7 +224,7 @@ class ShardStream(_EpochAware, IterableDataset):
             counter.skip("corrupt_video", sample, repr(exn)[:200])
             return None
         indices = resample_indices(info.num_frames, info.fps, cfg.fps)
-        needed = max(cfg.num_frames, cfg.min_frames)
+        needed = max(cfg.num_frames or 1, cfg.min_frames)
         if len(indices) < needed:
             counter.skip("too_short", sample, f"{len(indices)} frames at {cfg.fps:g} fps, need {needed}")
             return None
@@ -231,12 +233,13 @@ class ShardStream(_EpochAware, IterableDataset):
             if scale > cfg.max_upscale:
                 counter.skip("wrong_size", sample, f"{info.height}x{info.width} needs upscaling x{scale:.2f}")
                 return None
+        length = cfg.num_frames or min(len(indices), cfg.max_frames or len(indices))
         start = 0
         if cfg.clip_start == "random":
             rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
-            start = rng.randint(0, len(indices) - cfg.num_frames)
+            start = rng.randint(0, len(indices) - length)
         try:
-            frames, _ = decode_mp4(data, indices[start : start + cfg.num_frames])
+            frames, _ = decode_mp4(data, indices[start : start + length])
         except Exception as exn:
             counter.skip("corrupt_video", sample, repr(exn)[:200])
             return None
@@ -245,7 +248,8 @@ class ShardStream(_EpochAware, IterableDataset):
     def _decode_latents(self, sample: dict, counter: SkipCounter, epoch: int) -> dict | None:
         cfg = self.config
         tensors = {}
-        for member, name, missing in (("latent.pth", "latents", "missing_latent"), ("text.pth", "text", "missing_text")):
+        members = (("latent.pth", "latents", "missing_latent"), ("text.pth", "text", "missing_text"))
+        for member, name, missing in members:
             if sample.get(member) is None:
                 counter.skip(missing, sample)
                 return None

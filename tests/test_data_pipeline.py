@@ -7,7 +7,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 
 from cf.video_io import encode_mp4
@@ -363,3 +362,39 @@ def test_bad_configuration_values_are_named():
         VideoDataModule(train_urls="x.tar", prompt_file="p.txt")
     with pytest.raises(ValueError, match="no training data"):
         VideoDataModule().setup("fit")
+
+
+def test_whole_videos_of_varying_length(tmp_path):
+    url = write_tar(tmp_path / "s.tar", [video_sample("long", num_frames=40), video_sample("mid", num_frames=23),
+                                         video_sample("short", num_frames=11)])
+    dm = VideoDataModule(val_urls=url, num_frames=None, min_frames=12, max_frames=30, height=16, width=16,
+                         num_workers=0)
+    dm.setup("validate")
+    batches = collect(dm.val_dataloader())
+    assert [b["key"] for b in batches] == [["long"], ["mid"]]
+    assert (frame_numbers(batches[0]["video"])[0] == torch.arange(30)).all()  # capped at max_frames
+    assert (frame_numbers(batches[1]["video"])[0] == torch.arange(23)).all()  # whole video
+    assert batches[1]["skipped"] == {} and sum(b["skipped"].get("too_short", 0) for b in batches) == 0
+    with pytest.raises(ValueError, match="batch_size=1"):
+        VideoDataModule(train_urls=url, num_frames=None, batch_size=2)
+
+
+def test_configurable_from_yaml_through_jsonargparse(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    url = write_tar(tmp_path / "s.tar", [video_sample("a")])
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n"
+        f"  train_urls: {url}\n"
+        "  mode: video\n  num_frames: 5\n  height: 16\n  width: 16\n  fps: 16\n  batch_size: 1\n"
+        "  num_workers: 0\n  resampled: false\n  latent_size: [2, 3]\n  clip_start: start\n"
+    )
+    parser = ArgumentParser()
+    parser.add_class_arguments(VideoDataModule, "data")
+    parser.add_argument("--config", action="config")
+    dm = parser.instantiate_classes(parser.parse_args(["--config", str(config)])).data
+    assert isinstance(dm, VideoDataModule) and dm.train_config.latent_size == (2, 3)
+    dm.setup("fit")
+    (batch,) = collect(dm.train_dataloader())
+    assert batch["key"] == ["a"] and batch["video"].shape == (1, 3, 5, 16, 16)

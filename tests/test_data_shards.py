@@ -78,7 +78,8 @@ def test_write_shards_from_folder(video_folder, tmp_path):
         assert sample["mp4"] == (video_folder / f"{name}.mp4").read_bytes()  # stored as given
         assert sample["txt"].decode() == f"caption {name}"
         meta = json.loads(sample["json"])
-        assert meta == {"fps": 16.0, "frames": 9, "width": 24, "height": 16, "source": str(video_folder / f"{name}.mp4")}
+        source = str(video_folder / f"{name}.mp4")
+        assert meta == {"fps": 16.0, "frames": 9, "width": 24, "height": 16, "source": source}
     # the shards feed the datamodule
     dm = VideoDataModule(val_urls=report.urls, num_frames=9, height=16, width=16, num_workers=0, batch_size=3)
     dm.setup("validate")
