@@ -114,7 +114,9 @@ def gate(x: Tensor, g: Tensor) -> Tensor:
     return (x.view(b, tm, length // tm, d) * g[:, :, None]).view(b, length, d)
 
 
-class WanSelfAttention(nn.Module):
+class WanAttentionProjections(nn.Module):
+    """q, k, v, o projections with RMSNorm on the full-width q and k (key names of Wan2.1's attention modules)."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -129,9 +131,11 @@ class WanSelfAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))
 
     def key_value(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Un-rotated keys and values [B, L, H, Dh] of the normalised input h [B, L, D]."""
+        """Un-rotated keys and values [B, L, H, Dh] of h [B, L, D]."""
         return self._heads(self.norm_k(self.k(h))), self._heads(self.v(h))
 
+
+class WanSelfAttention(WanAttentionProjections):
     def forward(
         self,
         h: Tensor,
@@ -151,25 +155,13 @@ class WanSelfAttention(nn.Module):
         return self.o(attention(q, k, v, mask).flatten(2))
 
 
-class WanCrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
-
+class WanCrossAttention(WanAttentionProjections):
     def text_key_value(self, text: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, L_text, H, Dh] of the embedded text [B, L_text, D] (cacheable per video)."""
-        k = self.norm_k(self.k(text)).unflatten(-1, (self.num_heads, -1))
-        return k, self.v(text).unflatten(-1, (self.num_heads, -1))
+        return self.key_value(text)
 
     def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor]) -> Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        return self.o(attention(q, *text_kv).flatten(2))
+        return self.o(attention(self._heads(self.norm_q(self.q(x))), *text_kv).flatten(2))
 
 
 class WanBlock(nn.Module):
