@@ -1,0 +1,857 @@
+"""DeepSpeed ZeRO under Lightning: runs on CPU (gloo) as well as CUDA, and gives each optimizer its own engine.
+
+`DeepSpeedStrategy` extends Lightning's stock strategy in three ways:
+
+* **CPU.** With the CPU accelerator (and ``DS_ACCELERATOR=cpu``) it initialises DeepSpeed over gloo, so ZeRO-3 runs
+  for real in CI. DeepSpeed's shared-memory comm op (a C++ JIT build, unused by ZeRO over gloo) is not built.
+* **One engine per optimizer.** A LightningModule that defines ``deepspeed_submodules() -> dict[str, nn.Module]``
+  (in the order ``configure_optimizers()`` returns its optimizers) gets one DeepSpeed engine per submodule, each with
+  its own optimizer and config (``engine_configs``), so alternating updates (generator / critic) keep their exact
+  semantics. Backward and ``opt.step()`` are routed to the right engine. Everything outside the submodules (a frozen
+  teacher, say) is frozen and replicated on every rank in the compute dtype.
+* **Checkpoints.** Each engine is saved as its own ZeRO shard set in ``<ckpt>/<name>/``; Lightning's own state
+  (loops, callbacks, schedulers, the weights outside the engines) goes to ``<ckpt>/lightning_state.pt``. Resuming with
+  another world size fails with a message naming both sizes and the fix.
+
+Without ``deepspeed_submodules()`` the strategy behaves like the stock single-engine strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DeepSpeedStrategy",
+    "ZeroSpawnLauncher",
+    "checkpoint_engine_names",
+    "checkpoint_world_size",
+    "gathered_parameters",
+    "load_zero_checkpoint_state_dict",
+    "skip_shm_comm_op_build",
+]
+
+LIGHTNING_STATE_FILE = "lightning_state.pt"
+ENGINES_FILE = "zero_engines.json"
+DEEPSPEED_TAG = "checkpoint"
+_ENGINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_OPTIM_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSpeed helpers that need no Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def skip_shm_comm_op_build() -> None:
+    """Stop DeepSpeed from JIT-compiling its shared-memory comm op (35-40 s with g++; only CPU inference uses it).
+
+    ``deepspeed.comm.torch`` must be fetched with importlib: inside ``deepspeed.comm`` the name ``torch`` is PyTorch.
+    """
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+@contextmanager
+def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: Optional[int] = None) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned parameters hold their full data on every rank.
+
+    A collective: every rank must enter it with the same parameters. A no-op for plain parameters. With
+    ``modifier_rank`` set, that rank's in-place changes are broadcast and re-partitioned on exit.
+    """
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def checkpoint_engine_names(ckpt_dir: Union[str, Path]) -> list[str]:
+    """Engine names of a multi-engine checkpoint directory, in saving order; ``[]`` for a single-engine one."""
+    layout = Path(ckpt_dir) / ENGINES_FILE
+    if not layout.is_file():
+        return []
+    return list(json.loads(layout.read_text())["engines"])
+
+
+def _read_tag(ds_dir: Path) -> str:
+    latest = ds_dir / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(
+            f"{ds_dir} is not a DeepSpeed checkpoint directory: it has no 'latest' file. Pass the directory that"
+            " ModelCheckpoint wrote (e.g. '.../epoch=0-step=10.ckpt'), not a file or subfolder inside it."
+        )
+    return latest.read_text().strip()
+
+
+def _zero_shard_world_size(ds_dir: Path) -> Optional[int]:
+    """Data-parallel world size that wrote the ZeRO shards under ``ds_dir/<tag>``; None if it has no ZeRO shards."""
+    tag_dir = ds_dir / _read_tag(ds_dir)
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"DeepSpeed checkpoint {ds_dir} names tag {tag_dir.name!r}, but {tag_dir} is missing.")
+    ranks = {int(m.group(1)) for f in os.listdir(tag_dir) if (m := _OPTIM_SHARD.match(f))}
+    return len(ranks) if ranks else None
+
+
+def checkpoint_world_size(ckpt_dir: Union[str, Path], engine: Optional[str] = None) -> Optional[int]:
+    """World size a sharded checkpoint was written with (from its ZeRO shard files); None without ZeRO shards.
+
+    ``engine`` selects one engine of a multi-engine checkpoint; by default all engines are read and must agree.
+    """
+    root = Path(ckpt_dir)
+    names = checkpoint_engine_names(root)
+    if not names:
+        return _zero_shard_world_size(root)
+    sizes = {name: _zero_shard_world_size(root / name) for name in ([engine] if engine else names)}
+    distinct = set(sizes.values())
+    if len(distinct) != 1:
+        raise RuntimeError(f"Checkpoint {root} is inconsistent: its engines were written by world sizes {sizes}.")
+    return distinct.pop()
+
+
+def load_zero_checkpoint_state_dict(ckpt_dir: Union[str, Path], engine: Optional[str] = None) -> dict[str, Tensor]:
+    """Gather the fp32 weights of one engine from a sharded ZeRO checkpoint directory, on CPU.
+
+    Args:
+        ckpt_dir: the checkpoint directory Lightning wrote (``.../epoch=0-step=10.ckpt``).
+        engine: the engine name for a multi-engine checkpoint (a key of ``deepspeed_submodules()``); None for a
+            single-engine checkpoint.
+
+    Returns:
+        A state dict keyed as the engine's module ``state_dict()`` (the LightningModule for a single engine).
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"ZeRO checkpoint directory {root} does not exist (a ZeRO checkpoint is a directory such as"
+            " '.../epoch=0-step=10.ckpt/')."
+        )
+    names = checkpoint_engine_names(root)
+    if names:
+        if engine is None:
+            raise ValueError(f"Checkpoint {root} holds one ZeRO shard set per engine {names}: pass engine=<one of them>.")
+        if engine not in names:
+            raise ValueError(f"Checkpoint {root} has no engine {engine!r}; it holds {names}.")
+        ds_dir = root / engine
+    else:
+        if engine is not None:
+            raise ValueError(f"Checkpoint {root} holds a single engine; pass engine=None instead of {engine!r}.")
+        ds_dir = root
+    tag = _read_tag(ds_dir)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    # Lightning < 2.1 wrapped the module in `_forward_module`.
+    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+
+
+def _merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep copy of ``base`` with ``override`` merged in (nested dicts merged key by key)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge_config(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _engines_in_graph(loss: Tensor, owner_of_param: Mapping[int, str]) -> set[str]:
+    """Names of the engines whose trainable parameters are leaves of ``loss``'s autograd graph."""
+    found: set[str] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
+        if variable is not None:
+            name = owner_of_param.get(id(variable))
+            if name is not None:
+                found.add(name)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def _modules_outside(root: nn.Module, excluded: set[int]) -> list[nn.Module]:
+    """Modules of ``root`` (root included) that are not inside an excluded module, in a rank-independent order."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in excluded or id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(reversed(list(module.children())))
+    return out
+
+
+def _replicate_zero_parameters(modules: Iterable[nn.Module]) -> int:
+    """Replace ZeRO-3 partitioned parameters owned by ``modules`` by plain full ones on every rank (a collective)."""
+    import deepspeed
+
+    replaced: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for name, param in list(module._parameters.items()):
+            if param is None or not hasattr(param, "ds_id"):
+                continue
+            if id(param) not in replaced:  # tied weights stay tied
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.data.detach().clone()
+                replaced[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad)
+            module._parameters[name] = replaced[id(param)]
+    return len(replaced)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ZeroSpawnLauncher(_MultiProcessingLauncher):
+    """Spawn launcher for ZeRO runs started from pytest or a notebook-like host process.
+
+    * Sends back the *gathered* weights of rank 0 (the stock launcher sends its empty ZeRO-3 partitions, which then
+      fail to load in the main process).
+    * Picks a free port for every launch unless ``MASTER_PORT`` was set by the user, and leaves the host's
+      environment as it found it (the stock launcher leaves ``MASTER_PORT`` behind, so later Trainers reuse it).
+    * With ``timeout`` (seconds), kills the worker processes and raises ``TimeoutError`` when they run longer.
+    """
+
+    def __init__(
+        self,
+        strategy: "DeepSpeedStrategy",
+        start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
+        timeout: Optional[float] = None,
+    ) -> None:
+        super().__init__(strategy, start_method=start_method)
+        self._timeout = timeout
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        environment = self._strategy.cluster_environment
+        port_chosen_here = "MASTER_PORT" not in os.environ
+        if port_chosen_here and isinstance(environment, LightningEnvironment):
+            environment._main_port = find_free_network_port()  # the environment caches its first port otherwise
+        timed_out = threading.Event()
+        timer = None
+        if self._timeout is not None:
+            timer = threading.Timer(self._timeout, self._kill_on_timeout, args=(timed_out,))
+            timer.daemon = True
+            timer.start()
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except Exception as error:
+            if timed_out.is_set():
+                raise TimeoutError(
+                    f"The {self._strategy.num_processes} worker processes did not finish within {self._timeout} s and"
+                    " were killed (a rank probably waits in a collective for a rank that died or diverged). Raise"
+                    " `process_timeout` if the job is just long."
+                ) from error
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if port_chosen_here:
+                os.environ.pop("MASTER_PORT", None)
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # Leave together: a rank that exits while its peer still holds the gloo group can abort the peer.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    def _kill_on_timeout(self, timed_out: threading.Event) -> None:
+        timed_out.set()
+        self.kill(signal.SIGKILL)
+
+    def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> Optional[_WorkerOutput]:
+        checkpoint_callback = trainer.checkpoint_callback
+        best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None
+        module = trainer.lightning_module
+        is_rank_zero = self._strategy.local_rank == 0
+        weights_path = None
+        if trainer.state.fn == TrainerFn.FITTING:
+            with gathered_parameters(module.parameters()):  # every rank takes part in the gather
+                state_dict = module.state_dict()
+                if is_rank_zero:
+                    state_dict = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+            if is_rank_zero:
+                weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
+                self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
+        else:
+            module.state_dict()  # metrics may sync inside state_dict() on every rank
+        if not is_rank_zero:
+            return None
+        extra = self.get_extra_results(trainer)
+        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strategy
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, extended to CPU (gloo) and to one DeepSpeed engine per optimizer.
+
+    Multi-engine mode is switched on by the LightningModule defining ``deepspeed_submodules()``:
+
+    .. code-block:: python
+
+        def deepspeed_submodules(self) -> dict[str, nn.Module]:
+            return {"generator": self.generator, "critic": self.critic}   # order of configure_optimizers()
+
+    Then, in manual optimization, ``self.manual_backward(loss)`` backpropagates through the engine whose trainable
+    parameters the loss depends on (or ``self.manual_backward(loss, engine="critic")``), and ``opt.step()`` steps
+    the engine that owns ``opt``; with DeepSpeed's gradient accumulation (``gradient_accumulation_steps`` in an
+    engine config) call ``opt.step()`` after every backward and the engine updates at its boundaries. Gradient
+    clipping is per engine (``gradient_clipping`` in ``engine_configs``). LR schedulers are Lightning's (step them in
+    manual optimization as usual). Modules outside the submodules are frozen and replicated on every rank, their
+    parameters cast to the compute dtype (``frozen_modules="replicate"``).
+
+    Args:
+        frozen_modules: how modules outside ``deepspeed_submodules()`` are held: ``"replicate"`` (plain module on
+            every rank, parameters in the compute dtype). ``"partition"`` is not implemented.
+        engine_configs: per-engine DeepSpeed config overrides merged into the main config, e.g.
+            ``{"critic": {"gradient_clipping": 2.0}}``.
+        start_method: ``"popen"`` re-runs the script per rank (CLI, torchrun), ``"spawn"`` starts worker processes
+            from this one (pytest, notebooks); ``"auto"`` picks spawn under pytest and popen otherwise.
+        process_timeout: with spawn, seconds after which hung worker processes are killed (None: no limit).
+        build_shm_comm_op: let DeepSpeed JIT-build its shared-memory comm op on CPU (unused by ZeRO training).
+        exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints (they must then
+            be rebuilt identically by ``configure_model``, e.g. from pretrained weights).
+        **kwargs: the arguments of Lightning's ``DeepSpeedStrategy`` (``stage``, ``config``, ``offload_*``, ...).
+    """
+
+    strategy_name = "cf_deepspeed"
+
+    def __init__(
+        self,
+        *,
+        frozen_modules: Literal["replicate", "partition"] = "replicate",
+        engine_configs: Optional[dict[str, dict[str, Any]]] = None,
+        start_method: Literal["auto", "popen", "spawn"] = "auto",
+        process_timeout: Optional[float] = None,
+        build_shm_comm_op: bool = False,
+        exclude_frozen_parameters: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if frozen_modules not in ("replicate", "partition"):
+            raise ValueError(f"frozen_modules must be 'replicate' or 'partition', got {frozen_modules!r}.")
+        if start_method not in ("auto", "popen", "spawn"):
+            raise ValueError(f"start_method must be 'auto', 'popen' or 'spawn', got {start_method!r}.")
+        if engine_configs is not None and not all(isinstance(v, Mapping) for v in engine_configs.values()):
+            raise ValueError("engine_configs must map engine names to DeepSpeed config dicts, e.g. {'critic': {...}}.")
+        if isinstance(kwargs.get("timeout"), (int, float)):
+            kwargs["timeout"] = timedelta(seconds=kwargs["timeout"])
+        super().__init__(exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        self.frozen_modules = frozen_modules
+        self.engine_configs = dict(engine_configs or {})
+        self.process_timeout = process_timeout
+        self.build_shm_comm_op = build_shm_comm_op
+        self._requested_start_method = start_method
+        self._start_method = self._resolve_start_method(start_method)
+        self._submodules: dict[str, nn.Module] = {}  # set in multi-engine mode (training and inference)
+        self._engines: dict[str, Any] = {}  # set in multi-engine training
+        self._engine_prefixes: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- engines
+
+    @property
+    def engines(self) -> dict[str, Any]:
+        """The DeepSpeed engines by name in multi-engine mode; empty in single-engine mode."""
+        return dict(self._engines)
+
+    @property
+    def deepspeed_engine(self) -> Any:
+        if self._engines:
+            raise AttributeError(
+                "This run has one DeepSpeed engine per submodule; use `strategy.engines[name]` instead of"
+                " `strategy.deepspeed_engine`."
+            )
+        return self.model
+
+    # ---------------------------------------------------------------- launching and distributed setup
+
+    @staticmethod
+    def _resolve_start_method(start_method: str) -> str:
+        if start_method != "auto":
+            return start_method
+        return "spawn" if "pytest" in sys.modules else "popen"
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen" or self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = ZeroSpawnLauncher(self, start_method=self._start_method, timeout=self.process_timeout)
+
+    def setup_environment(self) -> None:
+        if isinstance(self.accelerator, CUDAAccelerator):
+            super().setup_environment()
+            return
+        if not isinstance(self.accelerator, CPUAccelerator):
+            raise RuntimeError(
+                f"{type(self).__name__} runs on CUDA or CPU accelerators, not {type(self.accelerator).__name__}."
+            )
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(
+                "Trainer(accelerator='cpu') was asked for, but DeepSpeed selected its"
+                f" {get_accelerator().device_name()!r} accelerator. Set the environment variable DS_ACCELERATOR=cpu"
+                " before starting Python."
+            )
+        DDPStrategy.setup_environment(self)  # skips the stock CUDA-only check
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type != "cpu":
+            super().setup_distributed()  # keeps the CUDA device-index validation
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _init_deepspeed_distributed(self) -> None:
+        if self.root_device.type == "cpu" and not self.build_shm_comm_op:
+            skip_shm_comm_op_build()
+        super()._init_deepspeed_distributed()
+
+    def _device_rank(self) -> int:
+        index = self.root_device.index
+        return self.local_rank if index is None else index
+
+    def _setup_model_and_optimizer(
+        self,
+        model: nn.Module,
+        optimizer: Optional[Optimizer],
+        lr_scheduler: Optional[Any] = None,
+        config: Optional[dict[str, Any]] = None,
+    ) -> tuple[Any, Optimizer]:
+        """``deepspeed.initialize`` one module with one optimizer (and scheduler) under ``config`` (default: main)."""
+        import deepspeed
+
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()),
+            config=config if config is not None else self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    # ---------------------------------------------------------------- engine construction
+
+    def _declared_submodules(self, module: LightningModule) -> Optional[dict[str, nn.Module]]:
+        declare = getattr(module, "deepspeed_submodules", None)
+        if declare is None:
+            return None
+        submodules = declare()
+        if not isinstance(submodules, Mapping) or not submodules:
+            raise MisconfigurationException(
+                f"{type(module).__name__}.deepspeed_submodules() must return a non-empty dict[str, nn.Module],"
+                f" got {submodules!r}."
+            )
+        names_of = {id(m): name for name, m in module.named_modules()}
+        inner: dict[int, str] = {}
+        for name, sub in submodules.items():
+            if not isinstance(name, str) or not _ENGINE_NAME.match(name) or name in (DEEPSPEED_TAG, LIGHTNING_STATE_FILE):
+                raise MisconfigurationException(
+                    f"Engine name {name!r} from deepspeed_submodules() is not usable as a directory name; use letters,"
+                    f" digits, '_', '-' or '.' (and not {DEEPSPEED_TAG!r})."
+                )
+            if not isinstance(sub, nn.Module) or id(sub) not in names_of or sub is module:
+                raise MisconfigurationException(
+                    f"deepspeed_submodules()[{name!r}] must be a submodule of {type(module).__name__}"
+                    " (an nn.Module assigned as an attribute), not the module itself or a free-standing object."
+                )
+            for child in sub.modules():
+                if id(child) in inner:
+                    raise MisconfigurationException(
+                        f"deepspeed_submodules() entries {inner[id(child)]!r} and {name!r} overlap; each module may"
+                        " belong to one engine only."
+                    )
+                inner[id(child)] = name
+        unknown = set(self.engine_configs) - set(submodules)
+        if unknown:
+            raise MisconfigurationException(
+                f"engine_configs names {sorted(unknown)}, but deepspeed_submodules() declares {list(submodules)}."
+            )
+        self._engine_prefixes = {name: names_of[id(sub)] + "." for name, sub in submodules.items()}
+        self._submodules = dict(submodules)
+        return self._submodules
+
+    def _engine_config(self, name: str) -> dict[str, Any]:
+        assert isinstance(self.config, dict)
+        return _merge_config(self.config, self.engine_configs.get(name, {}))
+
+    def _compute_dtype(self) -> torch.dtype:
+        assert isinstance(self.config, dict)
+        if self.config.get("bf16", {}).get("enabled"):
+            return torch.bfloat16
+        if self.config.get("fp16", {}).get("enabled"):
+            return torch.float16
+        return torch.float32
+
+    def _prepare_modules_outside_engines(self, module: LightningModule, submodules: Mapping[str, nn.Module]) -> None:
+        """Freeze and replicate every parameter outside ``submodules``; move it to this rank's device and dtype."""
+        if self.frozen_modules == "partition":
+            raise NotImplementedError(
+                "frozen_modules='partition' (a ZeRO-3 inference engine for modules outside deepspeed_submodules())"
+                " is not implemented; use frozen_modules='replicate'."
+            )
+        excluded = {id(m) for sub in submodules.values() for m in sub.modules()}
+        outside = _modules_outside(module, excluded)
+        _replicate_zero_parameters(outside)
+        dtype = self._compute_dtype()
+        frozen = 0
+        for owner in outside:
+            for param in owner.parameters(recurse=False):
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen += 1
+                target = dtype if param.is_floating_point() else param.dtype
+                param.data = param.data.to(device=self.root_device, dtype=target)
+            for name, buffer in owner.named_buffers(recurse=False):
+                owner._buffers[name] = buffer.to(self.root_device)
+        if frozen and submodules:
+            rank_zero_info(
+                f"{frozen} parameter tensors outside deepspeed_submodules() {list(submodules)} were trainable; they are"
+                " frozen (requires_grad=False) and replicated on every rank."
+            )
+
+    def _initialize_deepspeed_train(self, model: nn.Module) -> None:
+        assert isinstance(model, LightningModule)
+        submodules = self._declared_submodules(model)
+        if submodules is None:
+            super()._initialize_deepspeed_train(model)
+            return
+        assert isinstance(self.config, dict)
+        if "optimizer" in self.config or "scheduler" in self.config:
+            raise MisconfigurationException(
+                "With deepspeed_submodules(), optimizers and schedulers come from configure_optimizers(); remove"
+                " 'optimizer'/'scheduler' from the DeepSpeed config."
+            )
+        self._prepare_modules_outside_engines(model, submodules)
+
+        optimizers, scheduler_configs = _init_optimizers_and_lr_schedulers(model)
+        if len(optimizers) != len(submodules):
+            raise MisconfigurationException(
+                f"deepspeed_submodules() declares {len(submodules)} engines {list(submodules)}, but"
+                f" configure_optimizers() returned {len(optimizers)} optimizers; return one optimizer per engine,"
+                " in the same order."
+            )
+        scheduler_of: dict[int, Any] = {}
+        for scheduler_config in scheduler_configs:
+            key = id(scheduler_config.scheduler.optimizer)
+            if key in scheduler_of:
+                raise MisconfigurationException("DeepSpeed engines take at most one LR scheduler per optimizer.")
+            scheduler_of[key] = scheduler_config.scheduler
+
+        engines: dict[str, Any] = {}
+        deepspeed_optimizers = []
+        for (name, submodule), optimizer in zip(submodules.items(), optimizers):
+            own = {id(p) for p in submodule.parameters()}
+            foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+            if foreign:
+                raise MisconfigurationException(
+                    f"Optimizer {len(engines)} of configure_optimizers() holds {len(foreign)} parameter tensors that are"
+                    f" not in deepspeed_submodules()[{name!r}]; return the optimizers in the order {list(submodules)},"
+                    " each over its own submodule's parameters."
+                )
+            engine, deepspeed_optimizer = self._setup_model_and_optimizer(
+                submodule, optimizer, scheduler_of.get(id(optimizer)), config=self._engine_config(name)
+            )
+            engine.lr_scheduler = None  # Lightning steps the schedulers
+            engines[name] = engine
+            deepspeed_optimizers.append(deepspeed_optimizer)
+        self._engines = engines
+        self._set_deepspeed_activation_checkpointing()
+        self.optimizers = deepspeed_optimizers
+        self.lr_scheduler_configs = scheduler_configs
+        self.model = model
+
+    def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
+        assert isinstance(model, LightningModule)
+        submodules = self._declared_submodules(model)
+        if submodules is not None:
+            # Inference replicates the whole module; checkpoints are loaded by gathering each engine's shards.
+            self._prepare_modules_outside_engines(model, {})
+            self.model = model
+            return
+        import deepspeed
+
+        assert isinstance(self.config, dict)
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                config[key] = self.config[key]
+        if self.zero_stage_3:
+            config["zero_allow_untested_optimizer"] = self.config.get("zero_allow_untested_optimizer", True)
+            config["zero_optimization"] = self.config["zero_optimization"]
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        remove_module_hooks(model)
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()),
+            config=config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+        self.model = engine
+
+    # ---------------------------------------------------------------- backward and step
+
+    def _engine_for_backward(self, loss: Tensor, optimizer: Optional[Optimizer], engine: Optional[str]) -> Any:
+        if engine is not None:
+            if engine not in self._engines:
+                raise ValueError(f"manual_backward(engine={engine!r}): the engines are {list(self._engines)}.")
+            return self._engines[engine]
+        if optimizer is not None:
+            return self._engine_of_optimizer(optimizer)
+        if len(self._engines) == 1:
+            return next(iter(self._engines.values()))
+        if not loss.requires_grad:
+            raise RuntimeError("manual_backward() got a loss that does not require grad.")
+        owner = {id(p): name for name, e in self._engines.items() for p in e.module.parameters() if p.requires_grad}
+        found = _engines_in_graph(loss, owner)
+        if not found:
+            found = {name for name, e in self._engines.items() if any(p.requires_grad for p in e.module.parameters())}
+        if len(found) != 1:
+            raise RuntimeError(
+                f"Cannot tell which DeepSpeed engine this loss belongs to (candidates: {sorted(found) or 'none'}). Freeze"
+                " the other networks for this step (`net.requires_grad_(False)`), detach their outputs, or name the"
+                " engine: `self.manual_backward(loss, engine='<name>')`."
+            )
+        return self._engines[found.pop()]
+
+    def _engine_of_optimizer(self, optimizer: Optimizer) -> Any:
+        for engine in self._engines.values():
+            if engine.optimizer is optimizer:
+                return engine
+        raise RuntimeError("This optimizer belongs to none of the DeepSpeed engines; step the optimizers from self.optimizers().")
+
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, engine: Optional[str] = None, **kwargs: Any
+    ) -> Tensor:
+        """Backpropagate ``closure_loss`` through one engine (``engine=`` name, the optimizer's, or inferred)."""
+        if not self._engines:
+            if engine is not None:
+                raise ValueError("manual_backward(engine=...) needs deepspeed_submodules() on the LightningModule.")
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        target = self._engine_for_backward(closure_loss, optimizer, engine)
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        zero_optimizer = target.optimizer
+        # What engine.forward() would have done at the start of this micro-step (the modules are called directly).
+        if hasattr(zero_optimizer, "clear_backward_seen_flag"):
+            zero_optimizer.clear_backward_seen_flag()
+        if hasattr(zero_optimizer, "set_gradient_accumulation_boundary"):
+            zero_optimizer.set_gradient_accumulation_boundary(target.is_gradient_accumulation_boundary())
+        target.backward(closure_loss, *args, **kwargs)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union[LightningModule, nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not self._engines:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        engine = self._engine_of_optimizer(optimizer)
+        module = model if isinstance(model, LightningModule) else self.lightning_module
+        assert module is not None
+        closure_result = closure()
+        self.precision_plugin._after_closure(module, optimizer)
+        if module.automatic_optimization and closure_result is None:
+            raise MisconfigurationException(
+                "Skipping backward by returning None from training_step is not supported with DeepSpeed."
+            )
+        return engine.step(**kwargs)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        return {}  # the ZeRO shards hold it
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _check_world_size(self, checkpoint_path: Path) -> None:
+        saved = checkpoint_world_size(checkpoint_path)
+        if saved is not None and saved != self.world_size:
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_path} was written by a run of world size {saved} (ZeRO shards of {saved}"
+                f" processes), but this run has world size {self.world_size}. A sharded ZeRO checkpoint resumes only"
+                f" with the world size that wrote it: resume with {saved} processes (devices x num_nodes), or"
+                f" consolidate its weights with `cf convert zero {checkpoint_path} <out>` and start a new run from those"
+                " weights (optimizer and scheduler state are not carried over)."
+            )
+
+    def _outside_state(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        prefixes = tuple(self._engine_prefixes.values())
+        state = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+        if self.exclude_frozen_parameters:
+            module = self.lightning_module
+            assert module is not None
+            frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+        if not self._engines:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options (CheckpointIO is unused).")
+        filepath = Path(self.broadcast(str(filepath)))
+        for name, engine in self._engines.items():
+            engine.save_checkpoint(
+                str(filepath / name),
+                tag=DEEPSPEED_TAG,
+                client_state={},
+                exclude_frozen_parameters=self.exclude_frozen_parameters,
+            )
+        if self.is_global_zero:
+            state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            state["state_dict"] = self._outside_state(checkpoint["state_dict"])
+            torch.save(state, filepath / LIGHTNING_STATE_FILE)
+            layout = {"engines": list(self._engines), "world_size": self.world_size, "tag": DEEPSPEED_TAG}
+            (filepath / ENGINES_FILE).write_text(json.dumps(layout, indent=1))
+        self.barrier("cf_deepspeed_save_checkpoint")
+
+    def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        module = self.lightning_module
+        assert module is not None
+        names = checkpoint_engine_names(path) if path.is_dir() else []
+        declared = self._submodules
+        if not declared:
+            if names:
+                raise MisconfigurationException(
+                    f"Checkpoint {path} holds one engine per submodule {names}, but {type(module).__name__} defines no"
+                    " deepspeed_submodules(); load it with the module that wrote it."
+                )
+            if not self.load_full_weights and path.is_dir():
+                self._check_world_size(path)
+            return super().load_checkpoint(checkpoint_path, weights_only)
+
+        if not path.is_dir() or not names:
+            raise FileNotFoundError(
+                f"{path} is not a multi-engine DeepSpeed checkpoint directory (it should hold {ENGINES_FILE},"
+                f" {LIGHTNING_STATE_FILE} and one folder per engine)."
+            )
+        if set(names) != set(declared):
+            raise MisconfigurationException(
+                f"Checkpoint {path} holds engines {names}, but deepspeed_submodules() declares {list(declared)}."
+            )
+        state = torch.load(path / LIGHTNING_STATE_FILE, map_location="cpu", weights_only=False)
+        is_fitting = module.trainer.state.fn == TrainerFn.FITTING
+        if is_fitting:
+            self._check_world_size(path)
+            for name, engine in self._engines.items():
+                loaded, _ = engine.load_checkpoint(
+                    str(path / name),
+                    tag=DEEPSPEED_TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                    load_module_strict=module.strict_loading,
+                )
+                if loaded is None:
+                    raise RuntimeError(f"DeepSpeed could not load engine {name!r} from {path / name}.")
+        else:
+            for name, submodule in declared.items():
+                weights = load_zero_checkpoint_state_dict(path, name)
+                reference = submodule.state_dict()
+                weights = {k: v.to(reference[k].dtype) if k in reference else v for k, v in weights.items()}
+                submodule.load_state_dict(weights, strict=module.strict_loading)
+        return state
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not self._submodules:
+            super().load_model_state_dict(checkpoint, strict)
+            return
+        module = self.lightning_module
+        assert module is not None
+        state = checkpoint.get("state_dict", {})
+        result = module.load_state_dict(state, strict=False)
+        prefixes = tuple(self._engine_prefixes.values())
+        missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+        if self.exclude_frozen_parameters:
+            frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+            missing = [k for k in missing if k not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Checkpoint state outside the DeepSpeed engines does not match {type(module).__name__}: missing"
+                f" {missing}, unexpected {result.unexpected_keys}. Set `strict_loading = False` on the module to"
+                " ignore this."
+            )
+
+    # ---------------------------------------------------------------- registry
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        entries = {
+            "cf_deepspeed": ("cf DeepSpeed (CPU-capable, one engine per optimizer), ZeRO stage 2", {"stage": 2}),
+            "cf_deepspeed_stage_2": ("cf DeepSpeed, ZeRO stage 2", {"stage": 2}),
+            "cf_deepspeed_stage_3": ("cf DeepSpeed, ZeRO stage 3", {"stage": 3}),
+            "cf_deepspeed_stage_3_offload": (
+                "cf DeepSpeed, ZeRO stage 3 with CPU offload",
+                {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+            ),
+        }
+        for name, (description, init_params) in entries.items():
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **init_params)
+
+
+DeepSpeedStrategy.register_strategies(StrategyRegistry)
