@@ -1,0 +1,798 @@
+"""`CDMDStudent`: Contextual DMD distillation of the causal student (method §F), stages 1 and 2 by config.
+
+Each trainer step (one batch of prompts) updates the critic; every `critic_steps_per_generator_step`-th step (the
+first one included) also updates the generator, before the critic (§F.3). Every micro-batch of an update rolls the
+student out afresh through its memory (`cf.rollout.train_rollout`), cuts the teacher window (`teacher_window`, §F.5)
+and scores it:
+
+- generator: the frozen teacher (real score, CFG with the negative prompt) and the critic (fake score) see the same
+  ``[context | noisy target]``; `cf.losses.dmd_generator_loss` pushes the target frames (gradient only through the
+  last ``grad_window_frames``) along the normalised score difference (§F.6);
+- critic: flow-matching loss on a no-grad rollout's target frames, the context reset to clean (§F.7).
+
+The network not being updated is frozen during each phase, so its gradients stay None. Rollout length and exit
+index are drawn from generators seeded by (seed, trainer step, phase, micro-batch), identical on every rank without
+communication; the noise additionally by the rank. So a resumed run continues exactly.
+
+``trainer.global_step`` counts trainer steps (critic updates): the generator's optimizer steps are not counted.
+Shapes: latents ``[B, C, T, h, w]``; text ``[B, L, D]``; timesteps ``[B]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from cf.diffusion import add_noise, flow_to_x0, sample_dmd_timesteps
+from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder, resolve_dtype
+from cf.losses import classifier_free_guidance, critic_flow_loss, dmd_generator_loss
+from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
+from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
+from cf.optim import lr_lambda
+from cf.rollout import (
+    RolloutConfig,
+    SamplingConfig,
+    make_memory,
+    sample_exit_index,
+    sample_num_blocks,
+    stream,
+    teacher_window,
+    train_rollout,
+)
+from cf.weights import WeightLoadError, load_into, normalize_state_dict, read_state_dict, save_wan_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CDMDStudent",
+    "NEGATIVE_PROMPT",
+    "critic_denoising_loss",
+    "generator_dmd_loss",
+    "full_parameters",
+    "guided_x0",
+    "load_network_weights",
+    "predict_x0",
+    "read_generator_weights",
+    "write_generator_export",
+]
+
+# The English negative prompt of the CF stage configs (§F.2); used for the teacher's CFG only.
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+COUNTERS_KEY = "cdmd_counters"
+TEACHER_PREFIX = "real_score."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plain functions: the scores and the two losses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _network_dtype(network: nn.Module) -> torch.dtype:
+    return network.patch_embedding.weight.dtype
+
+
+def predict_x0(network: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor,
+               context: Tensor | None = None) -> Tensor:
+    """x̂0 of the target frames from a bidirectional DiT that sees ``[context | noisy target]`` at one timestep.
+
+    noisy_target ``[B, C, Tt, h, w]``; t ``[B]``; text ``[B, L, D]``; context ``[B, C, Tc, h, w]`` (clean) or None.
+    The velocity is converted to x0 on the target part only (§F.6 step 3). Returns float32 ``[B, C, Tt, h, w]``.
+    """
+    dtype = _network_dtype(network)
+    inputs = noisy_target if context is None else torch.cat([context.to(noisy_target.dtype), noisy_target], dim=2)
+    flow = network(inputs.to(dtype), t, text.to(dtype))[:, :, -noisy_target.shape[2]:]
+    return flow_to_x0(noisy_target.float(), flow.float(), t.float() / 1000.0)
+
+
+def guided_x0(teacher: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor, negative_text: Tensor,
+              guidance_scale: float, context: Tensor | None = None) -> Tensor:
+    """Real score with CFG, ``cond + g·(cond − uncond)`` (effective scale 1 + g), uncond = the negative prompt.
+
+    Conditional and unconditional predictions run as one batch of 2B. negative_text: ``[1 or B, L, D]``.
+    """
+    b = noisy_target.shape[0]
+    if negative_text.shape[0] == 1 and b > 1:
+        negative_text = negative_text.expand(b, *negative_text.shape[1:])
+    if negative_text.shape != text.shape:
+        raise ValueError(f"the negative prompt embedding {tuple(negative_text.shape)} does not match the prompt "
+                         f"embeddings {tuple(text.shape)}; both must come from the same text encoder")
+    both_context = None if context is None else torch.cat([context, context])
+    x0 = predict_x0(teacher, torch.cat([noisy_target, noisy_target]), torch.cat([t, t]),
+                    torch.cat([text, negative_text.to(text)]), both_context)
+    cond, uncond = x0.chunk(2)
+    return classifier_free_guidance(cond, uncond, guidance_scale)
+
+
+def generator_dmd_loss(
+    target: Tensor,
+    context: Tensor | None,
+    teacher: nn.Module,
+    critic: nn.Module,
+    text: Tensor,
+    negative_text: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    guidance_scale: float,
+    context_teacher: bool,
+    context_fake: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CDMD generator loss (§F.6) on the student's target window ``[B, C, Tt, h, w]`` (carrying grad).
+
+    The target is re-noised at t with ``noise`` (no grad); the teacher (CFG) and the critic (no CFG) predict x0 of
+    it, each with the clean context in front when its switch is on. Returns `dmd_generator_loss`'s (loss, stats).
+    """
+    noisy = add_noise(target.detach(), noise.to(target.dtype), t.float() / 1000.0)
+    with torch.no_grad():
+        x0_real = guided_x0(teacher, noisy, t, text, negative_text, guidance_scale,
+                            context if context_teacher else None)
+        x0_fake = predict_x0(critic, noisy, t, text, context if context_fake else None)
+    return dmd_generator_loss(target, x0_real.to(target.dtype), x0_fake.to(target.dtype))
+
+
+def critic_denoising_loss(critic: nn.Module, target: Tensor, context: Tensor | None, text: Tensor, t: Tensor,
+                          noise: Tensor, time_weighting: bool, shift: float = 5.0) -> Tensor:
+    """Critic (fake score) loss (§F.7): flow matching on ``[context | target]`` noised at t with the context reset
+    to clean, the loss on the target frames only (times w(t) when ``time_weighting``).
+
+    target ``[B, C, Tt, h, w]``, context ``[B, C, Tc, h, w]`` or None (no-context critic); noise has the shape of
+    ``[context | target]``.
+    """
+    clean = target if context is None else torch.cat([context, target], dim=2)
+    if noise.shape != clean.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} must have the shape of [context | target] {tuple(clean.shape)}")
+    noisy = add_noise(clean, noise.to(clean.dtype), t.float() / 1000.0)
+    num_context = 0 if context is None else context.shape[2]
+    if num_context:
+        noisy = torch.cat([context, noisy[:, :, num_context:]], dim=2)
+    dtype = _network_dtype(critic)
+    flow = critic(noisy.to(dtype), t, text.to(dtype))
+    frames = slice(num_context, None) if num_context else None
+    return critic_flow_loss(flow.float(), noise.float(), clean.float(), t, weighting=time_weighting,
+                            target_frames=frames, shift=shift)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights in and out
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_generator_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Causal-student initial weights, original Wan names: a Wan-layout file or folder (original or diffusers; a
+    bidirectional Wan/teacher file works too), or a Lightning ``.ckpt`` of `CDMDStudent` / `ODEInitStudent` (its
+    ``generator.*`` weights). Checkpoints are unpickled: read only files you trust."""
+    path = Path(path)
+    if path.suffix != ".ckpt":
+        return normalize_state_dict(read_state_dict(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, Mapping) else {}
+    generator = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
+    if not generator:
+        raise WeightLoadError(f"checkpoint {path} holds no 'generator.*' weights; pass a CDMDStudent or "
+                              "ODEInitStudent checkpoint, or a Wan-layout .safetensors file")
+    return normalize_state_dict(generator)
+
+
+def full_parameters(module: nn.Module, modify: bool = False) -> Any:
+    """Context in which ZeRO-3 partitioned parameters of ``module`` hold full data (a no-op otherwise)."""
+    import contextlib
+
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def load_network_weights(network: nn.Module, state: Mapping[str, Tensor], what: str, path: str) -> None:
+    """Load a Wan-named state dict strictly into ``network`` (gathering ZeRO-3 partitions), naming the file on error."""
+    try:
+        with full_parameters(network, modify=True):
+            load_into(network, state, strict=True)
+    except WeightLoadError as error:
+        raise WeightLoadError(f"{what} weights {path}: {error}") from error
+
+
+def write_generator_export(path: str | os.PathLike, state_dict: Mapping[str, Tensor], spec: Mapping[str, Any],
+                           dtype: torch.dtype | None = None) -> Path:
+    """Write the generator as a Wan-layout ``.safetensors`` at ``path`` and ``config.json`` beside it (``spec``:
+    the fields `cf.generate.GeneratorSpec` reads, plus provenance). Returns the weights path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
+    save_wan_weights(dict(state_dict), path, dtype=dtype)
+    (path.parent / "config.json").write_text(json.dumps(dict(spec), indent=2) + "\n")
+    return path
+
+
+def _as_dataclass(value: Any, cls: type, name: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from the parts (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CDMDStudent(pl.LightningModule):
+    """Contextual DMD training of the causal student (§F); stage 1 and stage 2 differ only by configuration.
+
+    Args:
+        network: `WanConfig` shared by the generator, critic and teacher (YAML: ``network: {dim: 64, ...}``);
+            default Wan2.1-T2V-1.3B. The networks are built in `configure_model` (sharded under ZeRO-3).
+        frames_per_chunk: latent frames the student generates at once (3).
+        teacher_weights: the long-context teacher (``cf convert teacher`` output, or any Wan-layout DiT): the real
+            score, frozen; it also initialises the critic and, when ``generator_weights`` is None, the generator.
+        generator_weights: the student's initialisation: stage-0 / stage-1 export or ``.ckpt``, or Wan weights.
+        critic_weights: the critic's initialisation (default: ``teacher_weights``, §F.1).
+        teacher_dtype: dtype of the frozen teacher ("bfloat16" at scale).
+        autoencoder / text_encoder: ``"toy"`` / ``"hashed"`` or local folders (frozen, kept out of checkpoints).
+        autoencoder_args / text_encoder_args: keyword arguments of the toy encoders (or of the umT5 loader).
+        encoder_dtype: dtype of the real encoders.
+        latent_size: (h, w) of the latents the student generates; fps: frame rate of the decoded videos.
+        negative_prompt: the unconditional prompt of the teacher's CFG (embedded once, cached).
+        memory: the student's K/V memory (`MemoryConfig` fields or a preset name; default ``slow_fast``).
+        keyframes / keyframe_threshold / keyframe_interval_frames: the keyframe policy (`cf.memory.keyframe_policy`).
+        rollout: rollout length (blocks, linear cap over ``decay_steps`` trainer steps), grad window and the
+            few-step sampling (`RolloutConfig`; default: 7 blocks = 21 frames, last 18 with grad).
+        context_window / target_window: frames of the teacher window (§F.5): stage 1 0 / 21, stage 2 21 / 21.
+        context_teacher / context_fake: whether the real / fake score sees the context (§I.10).
+        teacher_context: ``"contiguous"`` (the frames before the target, §I.4 default) or ``"memory"``
+            (not implemented).
+        reencode_image_latent: make the window's first frame by decoding the prefix and re-encoding its last pixel
+            frame (§F.5); False uses the prefix's last latent as is (exact for the toy autoencoder).
+        guidance_scale: g of the real score's ``cond + g·(cond − uncond)`` (3.0 stage 1, 5.0 stage 2).
+        timestep_shift / min_timestep / max_timestep: the DMD/critic timestep draw (shift 5, clamp [20, 980]).
+        critic_time_weighting: weight the critic loss by w(t) (§I.12: stage 1 off, stage 2 on).
+        critic_steps_per_generator_step: trainer steps per generator update (5).
+        gradient_accumulation: micro-batches per update; a batch holds ``gradient_accumulation`` micro-batches.
+        generator_lr / generator_betas / critic_lr / critic_betas / weight_decay: AdamW settings (§F.8).
+        generator_grad_clip / critic_grad_clip: gradient-norm clipping (2.0; under DeepSpeed the engines' own
+            ``gradient_clipping`` must equal these).
+        lr_total_steps / lr_floor: the generator's cosine-with-floor schedule over generator updates (§F.3).
+        gradient_checkpointing: recompute DiT blocks in backward (generator and critic).
+        seed: base seed of every random draw of training.
+        val_num_frames / val_seed: latent frames of each validation video and the validation seed.
+        export_path: if set, the generator (EMA weights when available) is exported there at the end of fit.
+    """
+
+    def __init__(
+        self,
+        network: WanConfig | None = None,
+        frames_per_chunk: int = 3,
+        teacher_weights: str | None = None,
+        generator_weights: str | None = None,
+        critic_weights: str | None = None,
+        teacher_dtype: str = "float32",
+        autoencoder: str = "toy",
+        autoencoder_args: dict[str, Any] | None = None,
+        text_encoder: str = "hashed",
+        text_encoder_args: dict[str, Any] | None = None,
+        encoder_dtype: str = "float32",
+        latent_size: tuple[int, int] = (60, 104),
+        fps: int = 16,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        memory: MemoryConfig | str = "slow_fast",
+        keyframes: Literal["similarity", "uniform", "always", "never"] = "similarity",
+        keyframe_threshold: float = 0.95,
+        keyframe_interval_frames: int = 6,
+        rollout: RolloutConfig | None = None,
+        context_window: int = 0,
+        target_window: int = 21,
+        context_teacher: bool = False,
+        context_fake: bool = False,
+        teacher_context: Literal["contiguous", "memory"] = "contiguous",
+        reencode_image_latent: bool = True,
+        guidance_scale: float = 3.0,
+        timestep_shift: float = 5.0,
+        min_timestep: float = 20.0,
+        max_timestep: float = 980.0,
+        critic_time_weighting: bool = False,
+        critic_steps_per_generator_step: int = 5,
+        gradient_accumulation: int = 1,
+        generator_lr: float = 2e-6,
+        generator_betas: tuple[float, float] = (0.9, 0.999),
+        critic_lr: float = 4e-7,
+        critic_betas: tuple[float, float] = (0.5, 0.95),
+        weight_decay: float = 0.01,
+        generator_grad_clip: float = 2.0,
+        critic_grad_clip: float = 2.0,
+        lr_total_steps: int = 2001,
+        lr_floor: float = 0.2,
+        gradient_checkpointing: bool = False,
+        seed: int = 1646,
+        val_num_frames: int = 21,
+        val_seed: int = 0,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.network_config = WanConfig.wan2_1_1_3b() if network is None else _as_dataclass(network, WanConfig,
+                                                                                            "network")
+        if isinstance(memory, str):
+            memory = MemoryConfig.preset(memory, frames_per_chunk=frames_per_chunk)
+        self.memory_config = _as_dataclass(memory, MemoryConfig, "memory")
+        self.rollout_config = RolloutConfig() if rollout is None else _as_dataclass(rollout, RolloutConfig, "rollout")
+        if isinstance(self.rollout_config.sampling, Mapping):
+            self.rollout_config.sampling = SamplingConfig(**self.rollout_config.sampling)
+        self._check_arguments(locals())
+        self.save_hyperparameters(logger=False)  # the CLI saves the full config; avoids clashes with the data hparams
+        # plain values in the checkpoint, so that it loads with torch.load(weights_only=True)
+        self.hparams.update(network=dataclasses.asdict(self.network_config),
+                            memory=dataclasses.asdict(self.memory_config),
+                            rollout=dataclasses.asdict(self.rollout_config),
+                            latent_size=list(latent_size), generator_betas=list(generator_betas),
+                            critic_betas=list(critic_betas))
+        self.keyframe_policy: KeyframePolicy = keyframe_policy(
+            keyframes, keyframe_threshold, keyframe_interval_frames, self.memory_config.per_sample_decisions)
+        # placeholders until `configure_model` (callbacks such as EMA look the generator up in their `setup`)
+        self.generator: CausalWanDiT | nn.Module = nn.Module()
+        self.critic: WanDiT | nn.Module = nn.Module()
+        self.real_score: WanDiT | nn.Module = nn.Module()
+        # encoders are frozen and stay out of the module tree: no checkpoint weights, no ZeRO partitioning
+        self.__dict__["_encoders"] = {}
+        self.trainer_step = 0  # completed trainer steps (critic updates); read by the EMA callback
+        self.generator_updates = 0
+        self.critic_updates = 0
+        self.generator_stepped = False  # True in a batch that updated the generator; read by the EMA callback
+        self.validation_videos: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def _check_arguments(self, args: Mapping[str, Any]) -> None:
+        """Reject bad configurations before any network is built."""
+        problems = []
+        n = args["frames_per_chunk"]
+        rollout = self.rollout_config
+        if n < 1:
+            problems.append(f"frames_per_chunk must be >= 1, got {n}")
+        if self.memory_config.frames_per_chunk != n:
+            problems.append(f"memory.frames_per_chunk ({self.memory_config.frames_per_chunk}) differs from "
+                            f"frames_per_chunk ({n})")
+        if args["teacher_weights"] is None:
+            problems.append("teacher_weights is required: the real score's (and by default the critic's) weights, "
+                            "e.g. the output of `cf convert teacher`")
+        for name in ("teacher_weights", "generator_weights", "critic_weights"):
+            path = args[name]
+            if path is not None and not os.path.exists(path):
+                problems.append(f"{name} {path!r} does not exist; point it to a Wan-layout .safetensors file or "
+                                "folder (or a student .ckpt for generator_weights)")
+        for name, builtin in (("autoencoder", ("toy",)), ("text_encoder", ("hashed", "toy"))):
+            value = args[name]
+            if value not in builtin and not os.path.isdir(value):
+                problems.append(f"{name} {value!r} is neither {' / '.join(repr(b) for b in builtin)} nor an "
+                                "existing folder; point it to the local weights folder")
+        context, target = args["context_window"], args["target_window"]
+        uses_context = args["context_teacher"] or args["context_fake"]
+        if target < 1 or context < 0:
+            problems.append(f"need target_window >= 1 and context_window >= 0, got {target} and {context}")
+        if context > 0 and not uses_context:
+            problems.append(f"context_window={context} but neither context_teacher nor context_fake is set; set "
+                            "one of them, or context_window: 0")
+        if context == 0 and uses_context:
+            problems.append("context_teacher / context_fake need a context: set context_window > 0 (21 in stage 2)")
+        min_frames = rollout.min_blocks * n
+        if min_frames < context + target:
+            problems.append(f"the shortest rollout ({rollout.min_blocks} blocks = {min_frames} frames) is shorter "
+                            f"than the teacher window ({context} + {target}); raise rollout.min_blocks")
+        if rollout.grad_window_frames is not None and rollout.grad_window_frames > target:
+            problems.append(f"rollout.grad_window_frames ({rollout.grad_window_frames}) exceeds target_window "
+                            f"({target}): gradient would reach frames the scores never see")
+        if args["teacher_context"] not in ("contiguous", "memory"):
+            problems.append(f"teacher_context must be 'contiguous' or 'memory', got {args['teacher_context']!r}")
+        if args["critic_steps_per_generator_step"] < 1:
+            problems.append("critic_steps_per_generator_step must be >= 1")
+        if args["gradient_accumulation"] < 1:
+            problems.append("gradient_accumulation must be >= 1")
+        for name in ("generator_lr", "critic_lr"):
+            if args[name] <= 0:
+                problems.append(f"{name} must be > 0, got {args[name]}")
+        for name in ("generator_grad_clip", "critic_grad_clip"):
+            if args[name] is not None and args[name] <= 0:
+                problems.append(f"{name} must be > 0 (or null for no clipping), got {args[name]}")
+        if not 0 <= args["min_timestep"] <= args["max_timestep"] <= 1000:
+            problems.append("need 0 <= min_timestep <= max_timestep <= 1000")
+        if args["val_num_frames"] < n or args["val_num_frames"] % n:
+            problems.append(f"val_num_frames must be a positive multiple of frames_per_chunk ({n})")
+        if len(args["latent_size"]) != 2:
+            problems.append(f"latent_size must be (h, w), got {args['latent_size']}")
+        if problems:
+            raise ValueError("invalid CDMDStudent configuration: " + "; ".join(problems))
+        if args["teacher_context"] == "memory":
+            raise NotImplementedError(
+                "teacher_context='memory' (the teacher sees [first 3 latents | slow-memory frames | last 6 frames], "
+                "§I.4) is not implemented; use teacher_context='contiguous' (the released code's behaviour)")
+
+    # ------------------------------------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build the teacher (frozen), the critic and the generator and load their weights; idempotent."""
+        if self.built:
+            return
+        hp = self.hparams
+        cfg = self.network_config
+        teacher_state = normalize_state_dict(read_state_dict(hp.teacher_weights))
+        real_score = WanDiT(cfg)
+        load_network_weights(real_score, teacher_state, "teacher", hp.teacher_weights)
+        real_score.requires_grad_(False)
+        self.real_score = real_score.to(resolve_dtype(hp.teacher_dtype))
+        critic = WanDiT(cfg)
+        critic_state = teacher_state if hp.critic_weights is None else \
+            normalize_state_dict(read_state_dict(hp.critic_weights))
+        load_network_weights(critic, critic_state, "critic", hp.critic_weights or hp.teacher_weights)
+        generator = CausalWanDiT(cfg, frames_per_chunk=hp.frames_per_chunk)
+        generator_state = teacher_state if hp.generator_weights is None else \
+            read_generator_weights(hp.generator_weights)
+        load_network_weights(generator, generator_state, "generator", hp.generator_weights or hp.teacher_weights)
+        if hp.gradient_checkpointing:
+            generator.enable_gradient_checkpointing(True)
+            critic.enable_gradient_checkpointing(True)
+        self.critic, self.generator = critic, generator
+
+    def deepspeed_submodules(self) -> dict[str, nn.Module]:
+        """One DeepSpeed engine each, in the order of `configure_optimizers` (`cf.strategies.DeepSpeedStrategy`)."""
+        return {"generator": self.generator, "critic": self.critic}
+
+    def setup(self, stage: str) -> None:
+        self._build_encoders()
+
+    def _build_encoders(self) -> None:
+        hp = self.hparams
+        if "autoencoder" not in self._encoders:
+            self._encoders["autoencoder"] = build_autoencoder(hp.autoencoder, dtype=hp.encoder_dtype,
+                                                              **(hp.autoencoder_args or {}))
+        if "text_encoder" not in self._encoders:
+            self._encoders["text_encoder"] = build_text_encoder(hp.text_encoder, dtype=hp.encoder_dtype,
+                                                                **(hp.text_encoder_args or {}))
+        cfg = self.network_config
+        ae, te = self._encoders["autoencoder"], self._encoders["text_encoder"]
+        if ae.latent_channels != cfg.in_dim:
+            raise ValueError(f"the autoencoder has {ae.latent_channels} latent channels but the DiT takes "
+                             f"in_dim={cfg.in_dim}; make network.in_dim/out_dim match the autoencoder")
+        if te.dim != cfg.text_dim:
+            raise ValueError(f"the text encoder gives {te.dim}-dim embeddings but the DiT has text_dim="
+                             f"{cfg.text_dim}; make network.text_dim match the text encoder")
+
+    def _encoder(self, name: str) -> nn.Module:
+        self._build_encoders()
+        encoder = self._encoders[name]
+        reference = next(iter([*encoder.parameters(), *encoder.buffers()]), None)
+        if reference is not None and reference.device != self.device:
+            encoder.to(self.device)
+        return encoder
+
+    @property
+    def autoencoder(self) -> VideoAutoencoder:
+        """The frozen autoencoder, on this module's device."""
+        return self._encoder("autoencoder")
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The frozen text encoder, on this module's device."""
+        return self._encoder("text_encoder")
+
+    @property
+    def built(self) -> bool:
+        """Whether `configure_model` has built the networks."""
+        return isinstance(self.generator, CausalWanDiT)
+
+    def _networks(self) -> tuple[CausalWanDiT, WanDiT, WanDiT]:
+        if not self.built:
+            raise RuntimeError("the networks are not built yet: call configure_model() (the Trainer does this)")
+        return self.generator, self.critic, self.real_score
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def embed(self, captions: list[str]) -> Tensor:
+        """Prompt embeddings ``[B, L, D]`` (no grad)."""
+        with torch.no_grad():
+            return self.text_encoder(list(captions)).to(self.device)
+
+    def negative_embedding(self) -> Tensor:
+        """The negative prompt's embedding ``[1, L, D]``, computed once and cached by the text encoder."""
+        return self.text_encoder.embed_cached([self.hparams.negative_prompt]).to(self.device)
+
+    def _micro_batches(self, batch: Mapping[str, Any]) -> list[list[str]]:
+        if "caption" not in batch:
+            raise KeyError(f"CDMDStudent needs batches with 'caption' (data.VideoDataModule mode 'prompts'); got keys "
+                           f"{sorted(batch)}")
+        captions = list(batch["caption"])
+        k = self.hparams.gradient_accumulation
+        if len(captions) % k:
+            raise ValueError(f"a batch of {len(captions)} prompts does not split into gradient_accumulation={k} "
+                             f"micro-batches; set the data batch_size to a multiple of {k}")
+        size = len(captions) // k
+        return [captions[i * size:(i + 1) * size] for i in range(k)]
+
+    def _shared_generator(self, step: int, phase: str, micro: int) -> torch.Generator:
+        """Same on every rank: rollout length and exit index."""
+        return torch.Generator().manual_seed(_seed(self.hparams.seed, "shared", step, phase, micro))
+
+    def _rank_generator(self, step: int, phase: str, micro: int) -> torch.Generator:
+        """Per rank: noise and timesteps."""
+        generator = torch.Generator(device=self.device)
+        return generator.manual_seed(_seed(self.hparams.seed, "rank", step, phase, micro, self.global_rank))
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+    def rollout(self, captions: list[str], step: int, phase: str, micro: int = 0, grad: bool = True
+                ) -> tuple[Tensor | None, Tensor, Tensor, dict[str, int]]:
+        """Roll the student out for one micro-batch and cut the teacher window.
+
+        Returns (context ``[B, C, Tc, h, w]`` detached or None, target ``[B, C, Tt, h, w]``, text ``[B, L, D]``,
+        info {"frames", "exit_index"}). With ``grad`` the target's last ``grad_window_frames`` carry gradient.
+        """
+        hp = self.hparams
+        generator, _, _ = self._networks()
+        shared = self._shared_generator(step, phase, micro)
+        blocks = sample_num_blocks(step, self.rollout_config, shared)
+        exit_index = sample_exit_index(len(self.rollout_config.sampling.denoising_steps), shared)
+        num_frames = blocks * hp.frames_per_chunk
+        text = self.embed(captions)
+        noise = self._rank_generator(step, phase, micro)
+        cache = make_memory(generator, self.memory_config, self.keyframe_policy)
+        with torch.set_grad_enabled(grad):
+            text_kv = generator.text_kv(text.to(_network_dtype(generator)))
+            frames = train_rollout(generator, text_kv, num_frames, tuple(hp.latent_size), len(captions), cache,
+                                   exit_index, self.rollout_config, generator=noise, grad=grad)
+        autoencoder = self.autoencoder if hp.reencode_image_latent else None
+        context, target = teacher_window(frames, hp.context_window, hp.target_window, autoencoder)
+        return context, target, text, {"frames": num_frames, "exit_index": exit_index}
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def generator_loss(self, captions: list[str], step: int, micro: int = 0) -> tuple[Tensor, dict[str, Any]]:
+        """CDMD generator loss of one micro-batch (fresh rollout with grad); (loss, logged values)."""
+        hp = self.hparams
+        _, critic, real_score = self._networks()
+        context, target, text, info = self.rollout(captions, step, "generator", micro, grad=True)
+        draws = self._rank_generator(step, "generator_score", micro)
+        t = sample_dmd_timesteps(target.shape[0], hp.timestep_shift, hp.min_timestep, hp.max_timestep,
+                                 generator=draws, device=self.device)
+        noise = torch.randn(target.shape, generator=draws, device=self.device, dtype=torch.float32)
+        loss, stats = generator_dmd_loss(target, context, real_score, critic, text, self.negative_embedding(), t,
+                                         noise, hp.guidance_scale, hp.context_teacher, hp.context_fake)
+        return loss, {**stats, **info}
+
+    def critic_loss(self, captions: list[str], step: int, micro: int = 0) -> tuple[Tensor, dict[str, Any]]:
+        """Critic loss of one micro-batch (fresh rollout without grad); (loss, logged values)."""
+        hp = self.hparams
+        _, critic, _ = self._networks()
+        with torch.no_grad():
+            context, target, text, info = self.rollout(captions, step, "critic", micro, grad=False)
+        if not hp.context_fake:
+            context = None
+        draws = self._rank_generator(step, "critic_score", micro)
+        t = sample_dmd_timesteps(target.shape[0], hp.timestep_shift, hp.min_timestep, hp.max_timestep,
+                                 generator=draws, device=self.device)
+        frames = target.shape[2] + (0 if context is None else context.shape[2])
+        noise = torch.randn((*target.shape[:2], frames, *target.shape[3:]), generator=draws, device=self.device)
+        loss = critic_denoising_loss(critic, target.float(), None if context is None else context.float(), text, t,
+                                     noise, hp.critic_time_weighting, hp.timestep_shift)
+        return loss, info
+
+    # ------------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        micro_batches = self._micro_batches(batch)
+        step = self.trainer_step
+        self.generator_stepped = step % self.hparams.critic_steps_per_generator_step == 0
+        logged: dict[str, Any] = {}
+        if self.generator_stepped:
+            logged.update(self._update("generator", micro_batches, step))
+        logged.update(self._update("critic", micro_batches, step))
+        self.trainer_step = step + 1
+        logged.update({"train/trainer_step": float(self.trainer_step),
+                       "train/generator_updates": float(self.generator_updates),
+                       "train/critic_updates": float(self.critic_updates),
+                       "train/generator_lr": self.lr_schedulers().get_last_lr()[0],
+                       "train/critic_lr": self.optimizers()[1].param_groups[0]["lr"]})
+        losses = {k: float(logged.pop(k)) for k in ("train/generator_loss", "train/critic_loss") if k in logged}
+        size = len(batch["caption"])
+        self.log_dict(losses, on_step=True, prog_bar=True, batch_size=size)
+        self.log_dict({k: float(v) for k, v in logged.items()}, on_step=True, batch_size=size)
+
+    def _update(self, phase: Literal["generator", "critic"], micro_batches: list[list[str]], step: int
+                ) -> dict[str, float]:
+        """One accumulated update of the generator or the critic; the other network is frozen meanwhile."""
+        generator, critic, _ = self._networks()
+        optimizer = self.optimizers()[0 if phase == "generator" else 1]
+        active, idle = (generator, critic) if phase == "generator" else (critic, generator)
+        idle.requires_grad_(False)
+        active.requires_grad_(True)
+        loss_fn = self.generator_loss if phase == "generator" else self.critic_loss
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro, captions in enumerate(micro_batches):
+            loss, stats = loss_fn(captions, step, micro)
+            self.manual_backward(loss / len(micro_batches))
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / len(micro_batches)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
+        clip = self.hparams.generator_grad_clip if phase == "generator" else self.hparams.critic_grad_clip
+        grad_norm = _grad_norm(active)
+        if clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if phase == "critic":
+            optimizer.step()  # counted: global_step == trainer steps
+            self.critic_updates += 1
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+            self.lr_schedulers().step()
+            self.generator_updates += 1
+        logged = {f"train/{phase}_loss": totals.pop("loss"),
+                  f"train/{phase}_rollout_frames": totals.pop("frames"),
+                  f"train/{phase}_exit_index": totals.pop("exit_index")}
+        logged.update({f"train/{key}": value for key, value in totals.items()})  # the DMD statistics
+        if grad_norm is not None:
+            logged[f"train/{phase}_grad_norm"] = grad_norm
+        return logged
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
+        hp = self.hparams
+        generator, critic, _ = self._networks()
+        generator_optimizer = torch.optim.AdamW(generator.parameters(), lr=hp.generator_lr,
+                                                betas=tuple(hp.generator_betas), weight_decay=hp.weight_decay)
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=hp.critic_lr, betas=tuple(hp.critic_betas),
+                                             weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(generator_optimizer, lr_lambda(hp.lr_total_steps, hp.lr_floor))
+        return [generator_optimizer, critic_optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+    def on_fit_start(self) -> None:
+        self._check_engines()
+
+    def _check_engines(self) -> None:
+        """Under a multi-engine DeepSpeed strategy the engines clip; their settings must match this module's."""
+        engines = getattr(self.trainer.strategy, "engines", None) or {}
+        hp = self.hparams
+        for name, clip in (("generator", hp.generator_grad_clip), ("critic", hp.critic_grad_clip)):
+            engine = engines.get(name)
+            if engine is None:
+                continue
+            if engine.gradient_accumulation_steps() != 1:
+                raise ValueError(f"the DeepSpeed engine {name!r} has gradient_accumulation_steps="
+                                 f"{engine.gradient_accumulation_steps()}; CDMDStudent accumulates micro-batches "
+                                 "itself (gradient_accumulation), so leave the engines at 1")
+            if float(engine.gradient_clipping() or 0.0) != float(clip or 0.0):
+                raise ValueError(f"the DeepSpeed engine {name!r} clips at {engine.gradient_clipping()} but "
+                                 f"{name}_grad_clip is {clip}; set strategy engine_configs: {{{name}: "
+                                 f"{{gradient_clipping: {clip}}}}}")
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Stream one video per prompt with the current generator (EMA weights under the EMA callback) and decode
+        it; the videos are kept in `validation_videos` ({"caption", "key", "video" [3, T, H, W] in [-1, 1], "fps"})."""
+        hp = self.hparams
+        generator, _, _ = self._networks()
+        captions = list(batch["caption"])
+        keys = list(batch.get("key", [f"val-{batch_idx}-{i}" for i in range(len(captions))]))
+        text = self.embed(captions)
+        sampling = self.rollout_config.sampling
+        latents = torch.cat(list(stream(generator, text, hp.val_num_frames, tuple(hp.latent_size),
+                                        memory=self.memory_config, sampling=sampling,
+                                        seed=_seed(hp.val_seed, batch_idx) % (1 << 31),
+                                        keyframes=self.keyframe_policy)), dim=2)
+        with torch.no_grad():
+            videos = self.autoencoder.decode(latents.float())
+        self.log("val/latent_std", latents.float().std(), batch_size=len(captions), sync_dist=True)
+        for caption, key, video in zip(captions, keys, videos):
+            self.validation_videos.append({"caption": caption, "key": key, "video": video.cpu(), "fps": hp.fps})
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_videos = []
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the step counters; leave the frozen teacher out (it is rebuilt from ``teacher_weights``)."""
+        checkpoint[COUNTERS_KEY] = {"trainer_step": self.trainer_step, "generator_updates": self.generator_updates,
+                                    "critic_updates": self.critic_updates}
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get(COUNTERS_KEY)
+        if counters is None:
+            rank_zero_warn("the checkpoint has no CDMD step counters; counting restarts from its global_step")
+            counters = {"trainer_step": int(checkpoint.get("global_step", 0))}
+        self.trainer_step = int(counters["trainer_step"])
+        self.generator_updates = int(counters.get("generator_updates", 0))
+        self.critic_updates = int(counters.get("critic_updates", self.trainer_step))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Like `nn.Module.load_state_dict`; the teacher's weights, absent from checkpoints, are kept as built."""
+        state = dict(state_dict)
+        if self.built and not any(k.startswith(TEACHER_PREFIX) for k in state):
+            state.update({TEACHER_PREFIX + k: v for k, v in self.real_score.state_dict().items()})
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------------------------------------ export
+    def generator_spec(self) -> dict[str, Any]:
+        """The ``config.json`` fields that rebuild this generator for `cf generate` (`cf.generate.GeneratorSpec`)."""
+        hp = self.hparams
+        sampling = self.rollout_config.sampling
+        return {
+            "wan_config": dataclasses.asdict(self.network_config),
+            "frames_per_chunk": int(hp.frames_per_chunk),
+            "autoencoder": hp.autoencoder,
+            "autoencoder_kwargs": dict(hp.autoencoder_args or {}),
+            "text_encoder": hp.text_encoder,
+            "text_encoder_kwargs": dict(hp.text_encoder_args or {}),
+            "latent_size": list(hp.latent_size),
+            "fps": int(hp.fps),
+            "memory": dataclasses.asdict(self.memory_config),
+            "sampling": {"denoising_steps": list(sampling.denoising_steps), "shift": sampling.shift,
+                         "warp": sampling.warp, "commit_noise_sigma": sampling.commit_noise_sigma},
+            "keyframes": {"policy": hp.keyframes, "threshold": hp.keyframe_threshold,
+                          "interval_frames": hp.keyframe_interval_frames},
+        }
+
+    def _ema_callback(self) -> Any | None:
+        if self._trainer is None:
+            return None
+        from callbacks.ema import EMA
+
+        for callback in self._trainer.callbacks:
+            if isinstance(callback, EMA) and callback.attribute == "generator" and callback.started:
+                return callback
+        return None
+
+    def export_generator(self, path: str | os.PathLike, use_ema: bool = True,
+                         dtype: torch.dtype | None = None) -> Path:
+        """Write the generator (its EMA weights when ``use_ema`` and the EMA callback has started) as a Wan-layout
+        ``.safetensors`` plus ``config.json`` beside it. Collective under ZeRO-3; rank 0 writes."""
+        generator, _, _ = self._networks()
+        ema = self._ema_callback() if use_ema else None
+        if use_ema and ema is None:
+            rank_zero_warn("no started EMA callback on the generator: exporting the training weights")
+        if ema is not None:
+            state = ema.ema_state_dict()
+        else:
+            with full_parameters(generator):
+                state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+        spec = {**self.generator_spec(), "ema": ema is not None, "trainer_step": self.trainer_step}
+        if _world()[0] == 0:
+            write_generator_export(path, state, spec, dtype)
+        return Path(path)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path:
+            self.export_generator(self.hparams.export_path)
+
+
+def _grad_norm(module: nn.Module) -> float | None:
+    """L2 norm of the module's gradients (None when they live elsewhere, e.g. in ZeRO partitions)."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

@@ -1,0 +1,435 @@
+"""Stage-0 data (method §F.9): ODE trajectories of a bidirectional teacher, in WebDataset shards.
+
+For each prompt the teacher integrates the probability-flow ODE from noise with Euler steps over the shifted grid
+(48 steps, shift 8) under standard CFG ``uncond + g·(cond − uncond)`` (g = 6) and keeps the states at a few steps
+(0, 12, 24, 36) plus the final clean latent. The causal student regresses onto them (`cf.lit.ode_init`).
+
+One sample: ``{key}.ode.pth`` ``[K + 1, C, T, h, w]`` (the K stored states, then the final latent),
+``{key}.text.pth`` ``[L', D]`` (the prompt embedding without its trailing zero padding), ``{key}.txt`` (the prompt),
+``{key}.json`` (``stored_steps``, their ``timesteps`` t = 1000·σ, ``num_steps``, ``shift``, ``guidance_scale``,
+``seed``, ``latent_shape``, ``text_length``).
+
+`cf data ode-pairs` writes them (`register_ode_pairs`); `ODEPairDataModule` reads them back as batches
+``{"ode": [B, K + 1, C, T, h, w], "text": [B, L, D], "caption", "key"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+from webdataset.tariterators import tarfile_samples
+from webdataset.utils import pytorch_worker_info
+
+from cf.diffusion import timestep_grid
+from cf.losses import classifier_free_guidance
+from data.datamodule import check_shards_exist
+from data.pipeline import read_prompt_file
+from data.shards import ShardSink, ShardWriteReport
+
+__all__ = [
+    "ODEPairConfig",
+    "ODEPairDataModule",
+    "ODEPairStream",
+    "WAN_NEGATIVE_PROMPT",
+    "euler_sigmas",
+    "ode_trajectory",
+    "register_ode_pairs",
+    "write_ode_pairs",
+]
+
+# Wan2.1's default (Chinese) negative prompt, used by the Self-Forcing ODE recipe (§F.9).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，"
+    "倒着走"
+)
+
+
+@dataclass
+class ODEPairConfig:
+    """How the trajectories are made: Euler over ``num_steps`` σ's of the shift-``shift`` grid, CFG
+    ``guidance_scale``, states kept at ``stored_steps`` (indices into the steps, before each step) and at the end."""
+
+    num_frames: int = 21
+    latent_size: tuple[int, int] = (60, 104)
+    num_steps: int = 48
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    stored_steps: tuple[int, ...] = (0, 12, 24, 36)
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+
+    def __post_init__(self) -> None:
+        self.latent_size = tuple(self.latent_size)
+        self.stored_steps = tuple(int(s) for s in self.stored_steps)
+        problems = []
+        if self.num_frames < 1:
+            problems.append(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.num_steps < 1:
+            problems.append(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.shift <= 0:
+            problems.append(f"shift must be > 0, got {self.shift}")
+        if not self.stored_steps or list(self.stored_steps) != sorted(set(self.stored_steps)):
+            problems.append(f"stored_steps must be increasing and non-empty, got {list(self.stored_steps)}")
+        elif self.stored_steps[0] < 0 or self.stored_steps[-1] >= self.num_steps:
+            problems.append(f"stored_steps must lie in [0, num_steps) = [0, {self.num_steps}), got "
+                            f"{list(self.stored_steps)}")
+        if len(self.latent_size) != 2:
+            problems.append(f"latent_size must be (h, w), got {self.latent_size}")
+        if problems:
+            raise ValueError("invalid ODE pair settings: " + "; ".join(problems))
+
+    def sigmas(self) -> Tensor:
+        return euler_sigmas(self.num_steps, self.shift)
+
+
+def euler_sigmas(num_steps: int, shift: float) -> Tensor:
+    """σ's of the Euler sampler, float64 ``[num_steps + 1]``: ``shift(1 − i/n)`` for i = 0…n−1, then 0."""
+    return torch.cat([timestep_grid(shift, num_steps) / num_steps, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def ode_trajectory(
+    teacher: nn.Module,
+    noise: Tensor,
+    text: Tensor,
+    negative_text: Tensor,
+    sigmas: Tensor,
+    guidance_scale: float,
+    stored_steps: Sequence[int],
+    progress: bool = False,
+) -> Tensor:
+    """Euler integration ``x ← x + (σ_{i+1} − σ_i)·v̂`` from ``noise`` ``[B, C, T, h, w]``.
+
+    v̂ = ``uncond + g·(cond − uncond)`` (conditional and unconditional in one batch of 2B); text ``[B, L, D]``,
+    negative_text ``[1 or B, L, D]``. Returns float32 ``[B, K + 1, C, T, h, w]``: the state before each of the K
+    ``stored_steps``, then the final latent.
+    """
+    b = noise.shape[0]
+    if negative_text.shape[0] == 1 and b > 1:
+        negative_text = negative_text.expand(b, *negative_text.shape[1:])
+    dtype = teacher.patch_embedding.weight.dtype
+    texts = torch.cat([text, negative_text.to(text)]).to(dtype)
+    stored = set(int(s) for s in stored_steps)
+    x = noise.float()
+    states = []
+    steps = range(len(sigmas) - 1)
+    for i in tqdm(steps, desc="ODE steps", leave=False, disable=not progress):
+        if i in stored:
+            states.append(x.clone())
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((2 * b,), 1000.0 * sigma, device=noise.device)
+        flow = teacher(torch.cat([x, x]).to(dtype), t, texts).float()
+        cond, uncond = flow.chunk(2)
+        # standard CFG uncond + g(cond − uncond) == cond + (g − 1)(cond − uncond)
+        x = x + (sigma_next - sigma) * classifier_free_guidance(cond, uncond, guidance_scale - 1.0)
+    states.append(x)
+    return torch.stack(states, dim=1)
+
+
+def _trim_padding(embedding: Tensor) -> Tensor:
+    nonzero = (embedding != 0).any(dim=-1).nonzero()
+    return embedding[: int(nonzero[-1]) + 1 if len(nonzero) else 1]
+
+
+def write_ode_pairs(
+    teacher: nn.Module,
+    text_encoder: nn.Module,
+    prompts: Sequence[str],
+    out_pattern: str,
+    config: ODEPairConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    maxcount: int = 1000,
+    storage_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ShardWriteReport:
+    """Integrate one trajectory per prompt with ``teacher`` (a bidirectional `WanDiT`) and write the samples to
+    ``out_pattern`` (``%06d`` shards). Prompt i's noise is drawn from a generator seeded with ``seed + i``."""
+    config = config or ODEPairConfig()
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError("no prompts to make ODE pairs from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    teacher = teacher.to(device).eval()
+    text_encoder = text_encoder.to(device)
+    channels = teacher.config.in_dim
+    sigmas = config.sigmas()
+    timesteps = [float(1000.0 * sigmas[s]) for s in config.stored_steps]
+    with torch.no_grad():
+        negative = text_encoder([config.negative_prompt]).to(device)
+    with ShardSink(out_pattern, maxcount=maxcount) as sink:
+        bar = tqdm(range(0, len(prompts), batch_size), desc="ODE pairs", unit="batch")
+        for start in bar:
+            batch = list(prompts[start:start + batch_size])
+            with torch.no_grad():
+                text = text_encoder(batch).to(device)
+            noise = torch.stack([
+                torch.randn((channels, config.num_frames, *config.latent_size),
+                            generator=torch.Generator().manual_seed(seed + start + i))
+                for i in range(len(batch))]).to(device)
+            trajectory = ode_trajectory(teacher, noise, text, negative, sigmas, config.guidance_scale,
+                                        config.stored_steps).cpu()
+            for i, prompt in enumerate(batch):
+                embedding = _trim_padding(text[i].float().cpu())
+                sink.write({
+                    "__key__": f"ode-{start + i:09d}",
+                    "ode.pth": trajectory[i].to(storage_dtype).clone(),
+                    "text.pth": embedding.to(storage_dtype).clone(),
+                    "txt": prompt,
+                    "json": {"stored_steps": list(config.stored_steps), "timesteps": timesteps,
+                             "num_steps": config.num_steps, "shift": config.shift,
+                             "guidance_scale": config.guidance_scale, "seed": seed + start + i,
+                             "latent_shape": list(trajectory[i].shape[1:]), "text_length": int(text.shape[1])},
+                })
+            bar.set_postfix(written=sink.num_samples)
+        return ShardWriteReport(sink.urls, sink.num_samples, sink.num_shards)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_tensor(raw: bytes, what: str, key: str) -> Tensor:
+    value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"ODE pair {key}: {what} is not a tensor")
+    return value
+
+
+class ODEPairStream(IterableDataset):
+    """Batches of ODE pairs from shards: ``{"ode" float32 [B, K+1, C, T, h, w], "text" [B, L, D], "caption",
+    "key", "timesteps" [B, K]}``.
+
+    ``resampled=True``: endless, shards drawn with replacement per rank and worker (bound epochs with
+    ``batches_per_epoch``); otherwise each shard is read once, split by rank and worker. Text embeddings are
+    zero-padded to ``text_length`` (the DiT's ``text_len``) or to the stored length. A sample that lacks a member
+    or does not load raises (the pairs are generated, not collected: a broken one means a broken file).
+    """
+
+    def __init__(self, urls: str | list[str], batch_size: int = 1, text_length: int | None = None,
+                 resampled: bool = True, shuffle_buffer: int = 64, seed: int = 0,
+                 batches_per_epoch: int | None = None, drop_last: bool = True) -> None:
+        super().__init__()
+        self.urls = check_shards_exist(urls, what="ODE pair shard")
+        self.batch_size, self.text_length, self.resampled = batch_size, text_length, resampled
+        self.shuffle_buffer, self.seed, self.batches_per_epoch, self.drop_last = (
+            shuffle_buffer, seed, batches_per_epoch, drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shards(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        if self.resampled:
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        for url in self.urls[rank::world][worker::workers]:
+            yield {"url": url}
+
+    def _decode(self, sample: dict) -> dict:
+        key = sample.get("__key__", "?")
+        missing = [m for m in ("ode.pth", "text.pth") if m not in sample]
+        if missing:
+            raise ValueError(f"ODE pair {key} in {sample.get('__url__')} lacks {missing}; regenerate the shards "
+                             "with `cf data ode-pairs`")
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        ode = _load_tensor(sample["ode.pth"], "ode.pth", key).float()
+        text = _load_tensor(sample["text.pth"], "text.pth", key).float()
+        caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+        return {"ode": ode, "text": text, "key": key, "caption": caption,
+                "timesteps": torch.tensor(meta.get("timesteps", []), dtype=torch.float32),
+                "text_length": meta.get("text_length")}
+
+    def _collate(self, items: list[dict]) -> dict:
+        shapes = {tuple(item["ode"].shape) for item in items}
+        if len(shapes) > 1:
+            raise ValueError(f"ODE pairs of different shapes {sorted(shapes)} in one batch; write one shard set per "
+                             "latent size / number of frames")
+        length = self.text_length
+        if length is None:
+            length = max([item["text"].shape[0] for item in items] +
+                         [item["text_length"] for item in items if isinstance(item["text_length"], int)])
+        longest = max(item["text"].shape[0] for item in items)
+        if longest > length:
+            raise ValueError(f"a stored text embedding has {longest} tokens, more than text_length={length}")
+        text = torch.zeros(len(items), length, items[0]["text"].shape[1])
+        for i, item in enumerate(items):
+            text[i, : item["text"].shape[0]] = item["text"]
+        return {"ode": torch.stack([item["ode"] for item in items]), "text": text,
+                "timesteps": torch.stack([item["timesteps"] for item in items]),
+                "caption": [item["caption"] for item in items], "key": [item["key"] for item in items]}
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        samples = tarfile_samples(self._shards(rank, world, worker, workers))
+        rng = random.Random(f"{self.seed}-samples-{self.epoch}-{rank}-{worker}")
+        buffer: list[dict] = []
+        pending: list[dict] = []
+        produced = 0
+        limit = None if self.batches_per_epoch is None else -(-self.batches_per_epoch // max(1, workers))
+
+        def emit(item: dict) -> Iterator[dict]:
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending)
+                pending.clear()
+
+        for sample in samples:
+            item = self._decode(sample)
+            if self.shuffle_buffer > 1:
+                buffer.append(item)
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+                item = buffer.pop(rng.randrange(len(buffer)))
+            for batch in emit(item):
+                yield batch
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+        rng.shuffle(buffer)
+        for item in buffer:
+            for batch in emit(item):
+                yield batch
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+        if pending and not self.drop_last:
+            yield self._collate(pending)
+
+
+class ODEPairDataModule(pl.LightningDataModule):
+    """ODE pairs for `cf.lit.ode_init.ODEInitStudent`: training stream (resampled, shuffled) and an optional
+    validation stream (each pair once, in order)."""
+
+    def __init__(self, train_urls: str, val_urls: str | None = None, batch_size: int = 1, num_workers: int = 0,
+                 text_length: int | None = None, shuffle_buffer: int = 64, resampled: bool = True, seed: int = 0,
+                 batches_per_epoch: int | None = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.train_dataset: ODEPairStream | None = None
+        self.val_dataset: ODEPairStream | None = None
+        self._epochs = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit"):
+            self.train_dataset = ODEPairStream(hp.train_urls, hp.batch_size, hp.text_length, hp.resampled,
+                                               hp.shuffle_buffer, hp.seed, hp.batches_per_epoch, drop_last=True)
+        if hp.val_urls is not None and stage in (None, "fit", "validate"):
+            self.val_dataset = ODEPairStream(hp.val_urls, hp.batch_size, hp.text_length, resampled=False,
+                                             shuffle_buffer=0, seed=hp.seed, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        self.train_dataset.set_epoch(self._epochs)
+        self._epochs += 1
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.hparams.val_urls is None:
+            return []
+        if self.val_dataset is None:
+            self.setup("validate")
+        return DataLoader(self.val_dataset, batch_size=None, num_workers=self.hparams.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: `cf data ode-pairs`
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_config(weights: Path, network: str | None) -> dict:
+    """WanConfig fields: from --network (a preset name or a JSON file) or the config.json beside the weights."""
+    from cf.models.wan import WanConfig
+
+    if network in ("tiny", "wan2.1-1.3b"):
+        return asdict(WanConfig.tiny() if network == "tiny" else WanConfig.wan2_1_1_3b())
+    source = Path(network) if network else weights.parent / "config.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"no DiT config: {source} does not exist; pass --network tiny | wan2.1-1.3b | "
+                                "<config.json> (the teacher export writes config.json beside its weights)")
+    raw = json.loads(source.read_text())
+    return dict(raw.get("wan_config", raw))
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({error})") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"dim\": 32}}', got {text!r}")
+    return value
+
+
+def run_ode_pairs(args: argparse.Namespace) -> None:
+    """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression."""
+    from cf.encoders import build_text_encoder, resolve_dtype
+    from cf.models.wan import WanConfig, WanDiT
+    from cf.weights import load_wan_weights
+
+    weights = Path(args.teacher)
+    if not weights.exists():
+        raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
+                                "(`cf convert teacher` output) or Wan2.1 weights")
+    teacher = WanDiT(WanConfig(**_teacher_config(weights, args.network)))
+    load_wan_weights(teacher, weights)
+    teacher = teacher.to(resolve_dtype(args.dtype)).requires_grad_(False)
+    text_encoder = build_text_encoder(args.text_encoder, dtype=args.dtype, **args.text_encoder_args)
+    prompts = read_prompt_file(args.prompts)[: args.limit]
+    config = ODEPairConfig(num_frames=args.num_frames, latent_size=tuple(args.latent_size), num_steps=args.num_steps,
+                           shift=args.shift, guidance_scale=args.guidance, stored_steps=tuple(args.stored_steps),
+                           negative_prompt=args.negative_prompt)
+    report = write_ode_pairs(teacher, text_encoder, prompts, args.out, config, seed=args.seed,
+                             batch_size=args.batch_size, maxcount=args.maxcount,
+                             storage_dtype=resolve_dtype(args.storage_dtype), device=args.device)
+    print(f"wrote {report.num_samples} ODE pairs in {report.num_shards} shard(s): {report.urls}")
+
+
+def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ode-pairs`` to the sub-commands of ``cf data``."""
+    p = data_subparsers.add_parser("ode-pairs", help="teacher ODE trajectories for the stage-0 student init",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="bidirectional teacher weights (Wan layout .safetensors)")
+    p.add_argument("--network", default=None,
+                   help="DiT config: tiny | wan2.1-1.3b | a config.json (default: config.json beside the weights)")
+    p.add_argument("--prompts", required=True, help="text file with one prompt per line")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/ode-%%06d.tar")
+    p.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
+    p.add_argument("--text-encoder-args", type=_json_object, default={},
+                   help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 8}'")
+    p.add_argument("--num-frames", type=int, default=21, help="latent frames per trajectory (default 21)")
+    p.add_argument("--latent-size", type=int, nargs=2, default=[60, 104], metavar=("H", "W"),
+                   help="latent height and width (default 60 104)")
+    p.add_argument("--num-steps", type=int, default=48, help="Euler steps (default 48)")
+    p.add_argument("--shift", type=float, default=8.0, help="grid shift (default 8)")
+    p.add_argument("--guidance", type=float, default=6.0, help="CFG scale g of uncond + g(cond - uncond) (default 6)")
+    p.add_argument("--stored-steps", type=int, nargs="+", default=[0, 12, 24, 36],
+                   help="steps whose input state is stored (default 0 12 24 36)")
+    p.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="unconditional prompt (default: Wan's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--maxcount", type=int, default=1000, help="pairs per shard (default 1000)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="dtype of the teacher and text encoder (default float32)")
+    p.add_argument("--storage-dtype", default="float32", help="dtype stored in the shards (e.g. bfloat16)")
+    p.set_defaults(func=run_ode_pairs)
+    return p
