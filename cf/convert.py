@@ -1,0 +1,347 @@
+"""``cf convert``: export trained DiTs as Wan-layout safetensors and convert between weight layouts.
+
+- ``cf convert teacher CKPT OUT.safetensors``: a `TeacherERFT` Lightning checkpoint (file, or ZeRO directory) ->
+  the merged DiT (LoRA folded in) with the original Wan2.1 names, loadable ``strict=True`` by `WanDiT`; a
+  ``config.json`` with the `WanConfig` fields is written beside it. This file is the student's real-score and critic
+  initialisation.
+- ``cf convert diffusers IN OUT`` / ``cf convert original IN OUT``: layout conversion of a DiT weights file.
+- ``cf convert zero CKPT_DIR OUT_DIR``: a sharded DeepSpeed checkpoint -> one Wan-layout safetensors per DiT found
+  in each engine (training prefixes stripped, LoRA merged).
+
+LoRA merging is plain maths on state dicts (`merge_lora_state_dict`), so no model has to be built to export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cf.weights import from_diffusers, is_diffusers_layout, read_state_dict, strip_training_prefixes, to_diffusers
+
+__all__ = [
+    "EXPORT_KEY",
+    "checkpoint_dit_state_dict",
+    "dit_state_dicts",
+    "export_teacher",
+    "has_lora",
+    "merge_lora_state_dict",
+    "read_lightning_checkpoint",
+    "register",
+    "write_state_dict",
+]
+
+# Key of the export metadata a `TeacherERFT` checkpoint carries: {"wan_config": dict, "finetune": str,
+# "lora_rank": int, "lora_alpha": float, "network_prefix": str}.
+EXPORT_KEY = "dit_export"
+
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_UNSUPPORTED_LORA = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_WAN_MARKER = "patch_embedding.weight"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA merging
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _strip_peft_prefix(key: str) -> str:
+    return key.replace(_PEFT_PREFIX, "")
+
+
+def has_lora(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether the keys carry peft LoRA factors (``….lora_A[.<adapter>].weight``)."""
+    return any(_LORA_KEY.match(k) for k in state_dict)
+
+
+def merge_lora_state_dict(state_dict: Mapping[str, Tensor], alpha: float | None = None, rank: int | None = None,
+                          adapter: str | None = None) -> dict[str, Tensor]:
+    """Fold peft LoRA factors into their base Linear weights: ``W ← W + (α / r)·B @ A``.
+
+    ``state_dict`` is a peft-wrapped module's state dict: ``X.base_layer.weight`` ``[out, in]`` (+ bias),
+    ``X.lora_A.<adapter>.weight`` ``[r, in]`` and ``X.lora_B.<adapter>.weight`` ``[out, r]`` (the adapter name may be
+    absent, and a ``base_model.model.`` prefix is removed). The result has plain names (``X.weight``, ``X.bias``),
+    the base dtype, and keys without LoRA pass through. ``rank`` defaults to each module's ``lora_A`` rows (when
+    given, it must match them); ``alpha`` defaults to the rank (scale 1). The sum is computed in float32.
+    """
+    sd = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+    unsupported = sorted({k for k in sd for name in _UNSUPPORTED_LORA if f".{name}" in k})
+    if unsupported:
+        raise NotImplementedError(
+            f"merging {unsupported[0]!r} is not implemented: only LoRA on Linear layers (lora_A/lora_B) is supported, "
+            "not embedding LoRA or DoRA"
+        )
+    factors: dict[str, dict[str, Tensor]] = {}
+    adapters: set[str] = set()
+    for key, value in sd.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            name = match["adapter"] or ""
+            if adapter is not None and name != adapter:
+                continue
+            adapters.add(name)
+            factors.setdefault(match["module"], {})[match["kind"]] = value
+    if len(adapters) > 1:
+        raise ValueError(f"the state dict holds several LoRA adapters {sorted(adapters)}; pass adapter=<one of them>")
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if _LORA_KEY.match(key):
+            continue
+        module, _, leaf = key.rpartition(".base_layer.")
+        out[f"{module}.{leaf}" if module else key] = value
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"LoRA module {module!r} has lora_{''.join(pair)} but not both lora_A and lora_B")
+        a, b = pair["A"], pair["B"]
+        weight_key = f"{module}.weight"
+        if weight_key not in out:
+            raise KeyError(f"LoRA factors for {module!r} but no base weight {module}.base_layer.weight")
+        base = out[weight_key]
+        if base.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+            raise NotImplementedError(f"LoRA merging supports Linear layers only; {module!r} has a "
+                                      f"{base.dim()}-D weight")
+        r = a.shape[0]
+        if rank is not None and rank != r:
+            raise ValueError(f"rank={rank} was given but {module!r} has LoRA rank {r}")
+        if b.shape != (base.shape[0], r) or a.shape[1] != base.shape[1]:
+            raise ValueError(f"LoRA shapes of {module!r} do not fit: W {tuple(base.shape)}, A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}")
+        scale = (float(alpha) if alpha is not None else float(r)) / r
+        out[weight_key] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# State-dict plumbing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None) -> dict[str, dict[str, Tensor]]:
+    """Every DiT inside a module's state dict, as ``{submodule prefix without the dot: Wan-layout state dict}``.
+
+    A DiT is recognised by its ``patch_embedding.weight``; its keys lose the prefix (``network.``, ``generator.``,
+    peft's ``base_model.model.``, training wrappers), LoRA is merged with ``alpha`` (`merge_lora_state_dict`) and
+    diffusers names become the original Wan names. A bare DiT state dict gives the prefix ``""``.
+    """
+    sd = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+    prefixes = sorted({k[: -len(_WAN_MARKER)] for k in sd if k.endswith(_WAN_MARKER)}, key=len)
+    diffusers_marker = "condition_embedder.time_embedder.linear_1.weight"
+    prefixes += sorted({k[: -len(diffusers_marker)] for k in sd if k.endswith(diffusers_marker)}, key=len)
+    if not prefixes:
+        raise ValueError(
+            "no DiT in this state dict (no key ends in 'patch_embedding.weight'); first keys: "
+            + ", ".join(list(sd)[:5])
+        )
+    out: dict[str, dict[str, Tensor]] = {}
+    for prefix in prefixes:
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sub = strip_training_prefixes(merge_lora_state_dict(sub, alpha) if has_lora(sub) else sub)
+        if is_diffusers_layout(sub):
+            sub = from_diffusers(sub)
+        name = strip_training_prefixes({prefix: None}).popitem()[0].rstrip(".") if prefix else ""
+        out[name] = sub
+    return out
+
+
+def write_state_dict(state_dict: Mapping[str, Tensor], path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write tensors (detached, contiguous, on CPU; floats cast to ``dtype`` when given) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"output {path} must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in state_dict.items()}
+    save_file(tensors, str(path))
+    return path
+
+
+def _find_export_meta(obj: Any) -> dict[str, Any] | None:
+    if isinstance(obj, Mapping):
+        if EXPORT_KEY in obj and isinstance(obj[EXPORT_KEY], Mapping):
+            return dict(obj[EXPORT_KEY])
+    return None
+
+
+def _zero_export_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """Export metadata stored with Lightning's state in a DeepSpeed checkpoint directory, if any."""
+    candidates = [ckpt_dir / "lightning_state.pt", *sorted(ckpt_dir.glob("**/mp_rank_00_model_states.pt"))]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                meta = _find_export_meta(torch.load(candidate, map_location="cpu", weights_only=False))
+            except Exception:  # an unreadable side file only means no metadata
+                continue
+            if meta is not None:
+                return meta
+    return None
+
+
+def read_lightning_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(module state dict, export metadata or None) of a Lightning checkpoint file or ZeRO checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        from cf.strategies import load_zero_checkpoint_state_dict
+
+        return load_zero_checkpoint_state_dict(path), _zero_export_meta(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .ckpt file written by `cf fit` (or its "
+                                "ZeRO checkpoint directory)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry); for a plain weights file "
+                         "use `cf convert original` or `cf convert diffusers`")
+    return dict(checkpoint["state_dict"]), _find_export_meta(checkpoint)
+
+
+def checkpoint_dit_state_dict(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any] | None,
+                              prefix: str | None = None) -> dict[str, Tensor]:
+    """The merged Wan-layout DiT of a checkpoint's state dict (prefix and LoRA α from ``meta`` unless given)."""
+    meta = dict(meta or {})
+    alpha = meta.get("lora_alpha")
+    found = dit_state_dicts(state_dict, alpha=alpha)
+    wanted = (prefix if prefix is not None else meta.get("network_prefix", "network")).rstrip(".")
+    if wanted in found:
+        return found[wanted]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise ValueError(f"the checkpoint holds DiTs under {sorted(found)}, none named {wanted!r}; pass --prefix")
+
+
+def _check_loads_strict(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
+    """Raise if ``state_dict`` would not load with strict=True into ``WanDiT(WanConfig(**config))``."""
+    from cf.models.wan import WanConfig, WanDiT
+
+    with torch.device("meta"):
+        reference = WanDiT(WanConfig(**config)).state_dict()
+    missing = sorted(set(reference) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(reference))
+    mismatched = [k for k in set(reference) & set(state_dict) if tuple(reference[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "the exported weights do not match WanDiT with the checkpoint's config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {sorted(mismatched)[:5]}"
+        )
+
+
+def export_teacher(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None,
+                   prefix: str | None = None) -> tuple[Path, Path | None]:
+    """`TeacherERFT` checkpoint -> merged Wan-layout safetensors (+ ``config.json`` beside it when the checkpoint
+    records its `WanConfig`). Returns the two paths (config None when unknown)."""
+    state_dict, meta = read_lightning_checkpoint(checkpoint)
+    dit = checkpoint_dit_state_dict(state_dict, meta, prefix)
+    config = (meta or {}).get("wan_config")
+    if config is not None:
+        _check_loads_strict(dit, config)
+    out = write_state_dict(dit, out, dtype)
+    config_path = None
+    if config is not None:
+        config_path = out.parent / "config.json"
+        config_path.write_text(json.dumps(dict(config), indent=2) + "\n")
+    return out, config_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return _DTYPES[args.dtype]
+
+
+def run_teacher(args: argparse.Namespace) -> None:
+    """``cf convert teacher``."""
+    out, config = export_teacher(args.checkpoint, args.out, _dtype(args), args.prefix)
+    print(f"wrote {out}" + (f" and {config}" if config else " (the checkpoint records no WanConfig: no config.json)"))
+
+
+def _read_weights(path: str) -> dict[str, Tensor]:
+    sd = strip_training_prefixes(read_state_dict(path))
+    if has_lora(sd):
+        sd = merge_lora_state_dict(sd)
+    return sd
+
+
+def run_diffusers(args: argparse.Namespace) -> None:
+    """``cf convert diffusers``: any DiT weights -> diffusers `WanTransformer3DModel` names."""
+    sd = _read_weights(args.input)
+    sd = to_diffusers(from_diffusers(sd) if is_diffusers_layout(sd) else sd)
+    print(f"wrote {write_state_dict(sd, args.out, _dtype(args))}")
+
+
+def run_original(args: argparse.Namespace) -> None:
+    """``cf convert original``: any DiT weights -> original Wan2.1 names."""
+    sd = _read_weights(args.input)
+    sd = from_diffusers(sd) if is_diffusers_layout(sd) else sd
+    print(f"wrote {write_state_dict(sd, args.out, _dtype(args))}")
+
+
+def run_zero(args: argparse.Namespace) -> None:
+    """``cf convert zero``: one safetensors file per DiT and engine of a sharded DeepSpeed checkpoint."""
+    from cf.strategies import checkpoint_engine_names, load_zero_checkpoint_state_dict
+
+    ckpt_dir = Path(args.checkpoint)
+    if not ckpt_dir.is_dir():
+        raise SystemExit(f"cf convert zero: {ckpt_dir} is not a directory; pass the ZeRO checkpoint directory "
+                         "that ModelCheckpoint wrote (e.g. .../epoch=0-step=100.ckpt/)")
+    meta = _zero_export_meta(ckpt_dir) or {}
+    alpha = args.lora_alpha if args.lora_alpha is not None else meta.get("lora_alpha")
+    engines = args.engine or checkpoint_engine_names(ckpt_dir) or [None]
+    out_dir = Path(args.out_dir)
+    for engine in engines:
+        found = dit_state_dicts(load_zero_checkpoint_state_dict(ckpt_dir, engine), alpha=alpha)
+        for prefix, sd in found.items():
+            name = ".".join(part for part in (engine, prefix) if part) or "dit"
+            path = write_state_dict(sd, out_dir / f"{name}.safetensors", _dtype(args))
+            print(f"wrote {path} ({len(sd)} tensors)")
+            if meta.get("wan_config") is not None and prefix == meta.get("network_prefix", "network").rstrip("."):
+                (out_dir / f"{name}.config.json").write_text(json.dumps(meta["wan_config"], indent=2) + "\n")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cf convert`` with sub-commands ``teacher``, ``diffusers``, ``original`` and ``zero``."""
+    parser = subparsers.add_parser("convert", help="export trained DiTs and convert weight layouts",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="convert_command", metavar="convert_command", required=True)
+    dtype_help = "dtype of the written floats (default: keep the stored dtype)"
+
+    teacher = commands.add_parser("teacher", help="TeacherERFT checkpoint -> merged Wan-layout safetensors")
+    teacher.add_argument("checkpoint", help="Lightning .ckpt file (or ZeRO checkpoint directory) of `cf fit`")
+    teacher.add_argument("out", help="output .safetensors (config.json is written beside it)")
+    teacher.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+    teacher.add_argument("--prefix", default=None, help="submodule holding the DiT (default: the recorded one, "
+                         "'network')")
+    teacher.set_defaults(func=run_teacher)
+
+    for name, help_text, func in (
+        ("diffusers", "DiT weights -> diffusers WanTransformer3DModel layout", run_diffusers),
+        ("original", "DiT weights -> original Wan2.1 layout", run_original),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("input", help="weights file or folder (.safetensors, sharded index, .pt, diffusers "
+                             "transformer/ folder)")
+        command.add_argument("out", help="output .safetensors")
+        command.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+        command.set_defaults(func=func)
+
+    zero = commands.add_parser("zero", help="sharded DeepSpeed checkpoint -> Wan-layout safetensors per engine")
+    zero.add_argument("checkpoint", help="ZeRO checkpoint directory (…/epoch=0-step=100.ckpt/)")
+    zero.add_argument("out_dir", help="output folder: <engine>[.<submodule>].safetensors")
+    zero.add_argument("--engine", action="append", default=None,
+                      help="engine(s) to export (default: all engines of the checkpoint)")
+    zero.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA alpha for merging (default: recorded in the checkpoint, else the rank: scale 1)")
+    zero.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+    zero.set_defaults(func=run_zero)
+    return parser

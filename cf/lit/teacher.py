@@ -1,0 +1,647 @@
+"""`TeacherERFT`: fine-tunes a bidirectional Wan DiT into the long-context teacher with Error-Recycling Fine-Tuning
+(method §E).
+
+One step: a clip becomes a teacher layout (``[sink | sparse | motion | target]`` from pixels, or ``[context |
+target]``; contiguous positions, §D.3); one grid timestep is drawn for the whole sequence (§E.1); recycled errors
+perturb the target noise, the target latent and the context (§E.3); the DiT sees ``[context | x_t]`` and the
+flow-matching loss, weighted by w(t), looks at the target frames only; the prediction's residuals go back into the
+error banks on every rank. The banks and the module's random generator are part of the checkpoint, so a resumed
+run continues exactly.
+
+Maths lives in `cf.erft`, `cf.diffusion` and `cf.losses`; `continue_latents` is the teacher's own sampler.
+Shapes: pixels ``[B, 3, N, H, W]`` in [-1, 1]; latents ``[B, C, T, h, w]``; text ``[B, L, D]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cf.convert import EXPORT_KEY, merge_lora_state_dict
+from cf.diffusion import flow_target, sample_grid_timesteps, timestep_grid
+from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder
+from cf.erft import (
+    ErrorBanks,
+    ErrorInjector,
+    Injection,
+    InjectionFlags,
+    LongLayoutConfig,
+    TeacherLayout,
+    dense_layout,
+    long_layout,
+    long_layout_from_latents,
+)
+from cf.losses import classifier_free_guidance, flow_matching_loss
+from cf.models.wan import WanConfig, WanDiT
+from cf.weights import load_wan_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ERFTConfig",
+    "ERFTStepOutput",
+    "LORA_TARGETS",
+    "TeacherERFT",
+    "TeacherSamplingConfig",
+    "apply_lora",
+    "continue_latents",
+    "sampling_sigmas",
+]
+
+# Every Linear named q, k, v, o (self- and cross-attention) and ffn.0 / ffn.2 (§E.1); a full-match regex for peft.
+LORA_TARGETS = r".*\.(self_attn|cross_attn)\.(q|k|v|o)|.*\.ffn\.(0|2)"
+ERFT_STATE_KEY = "erft_state"
+
+
+@dataclass
+class ERFTConfig:
+    """Error-Recycling Fine-Tuning settings (§E.3; defaults are the paper's, §J.3 has the toy values).
+
+    Injection: per step, noise / context / latent errors are tried with their probabilities, then ``clean_prob``
+    switches all off; ``error_modulate`` m scales each error by U(1 − m, 1 + m). Banks: ``num_buckets`` timestep
+    buckets of ``capacity`` entries each, replacement ``policy``, total caps ``max_total_entries`` /
+    ``max_total_bytes`` per bank (§I.23), all-gather warm-up of ``warmup_steps`` during which clean-step errors are
+    kept with ``clean_insert_prob``; entries stored as ``storage_dtype`` on CPU.
+    """
+
+    noise_prob: float = 0.01
+    context_prob: float = 0.9
+    latent_prob: float = 0.9
+    clean_prob: float = 0.5
+    error_modulate: float = 0.0
+    num_buckets: int = 50
+    capacity: int = 500
+    policy: str = "l2_batch"
+    max_total_entries: int | None = None
+    max_total_bytes: int | None = None
+    warmup_steps: int = 50
+    clean_insert_prob: float = 0.1
+    storage_dtype: str = "float16"
+
+    def injector(self) -> ErrorInjector:
+        return ErrorInjector(noise_prob=self.noise_prob, context_prob=self.context_prob,
+                             latent_prob=self.latent_prob, clean_prob=self.clean_prob,
+                             error_modulate=self.error_modulate)
+
+    def banks(self, shift: float, seed: int) -> ErrorBanks:
+        return ErrorBanks(num_buckets=self.num_buckets, capacity=self.capacity, shift=shift, policy=self.policy,
+                          max_total_entries=self.max_total_entries, max_total_bytes=self.max_total_bytes,
+                          warmup_steps=self.warmup_steps, clean_insert_prob=self.clean_insert_prob,
+                          storage_dtype=self.storage_dtype, seed=seed)
+
+
+@dataclass
+class TeacherSamplingConfig:
+    """The teacher's own sampler (§E.4): Euler over the shifted grid, CFG ``uncond + g·(cond − uncond)``."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    shift: float = 5.0
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.shift <= 0:
+            raise ValueError(f"sampling shift must be > 0, got {self.shift}")
+
+
+class ERFTStepOutput(NamedTuple):
+    """What one ERFT step computed: the loss, the timesteps ``[B]``, the target prediction and its flow target
+    ``[B, C, T_target, h, w]``, the injection and the injection flags."""
+
+    loss: Tensor
+    t: Tensor
+    flow_pred: Tensor
+    flow_target: Tensor
+    injection: Injection
+    flags: InjectionFlags
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plain functions: LoRA wrapping and the teacher's sampler
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, targets: str = LORA_TARGETS) -> nn.Module:
+    """Wrap the target Linears of ``network`` with peft LoRA in place (A Kaiming-uniform, B = 0, fp32 factors) and
+    freeze everything else. Returns the same module; its state-dict keys gain ``base_layer`` / ``lora_A.default``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {rank}")
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=targets, lora_dropout=0.0,
+                        init_lora_weights=True, bias="none")
+    try:
+        inject_adapter_in_model(config, network)
+    except ValueError as exn:
+        raise ValueError(f"lora_targets {targets!r} matched no Linear layer of the DiT: {exn}") from exn
+    for name, param in network.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        param.requires_grad_(is_lora)
+        if is_lora and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return network
+
+
+def sampling_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
+    """σ schedule of the teacher's sampler, float64 ``[num_steps + 1]``: ``shift(1 − i/n)`` for i = 0…n−1, then 0."""
+    return torch.cat([timestep_grid(shift, num_steps) / num_steps, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def continue_latents(
+    network: Callable[[Tensor, Tensor, Tensor], Tensor],
+    context: Tensor,
+    text: Tensor,
+    num_target_frames: int,
+    sigmas: Tensor,
+    guidance_scale: float = 5.0,
+    negative_text: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: Callable | None = None,
+) -> Tensor:
+    """Sample ``num_target_frames`` latents that continue ``context`` ``[B, C, T_c, h, w]`` (§E.4, §I.22).
+
+    Euler steps ``x ← x + (σ_{i+1} − σ_i)·v̂`` over ``sigmas`` (descending to 0), starting from ``noise`` (drawn with
+    ``generator`` if None). At every step the network sees the clean context followed by the current target at one
+    timestep ``1000·σ_i``, so the context never drifts. With ``guidance_scale`` g ≠ 1 the prediction is
+    ``v_u + g·(v_c − v_u)`` with ``negative_text`` (zeros if None) as the unconditional prompt.
+    Returns the target latents ``[B, C, num_target_frames, h, w]``.
+    """
+    if context.dim() != 5:
+        raise ValueError(f"context latents must be [B, C, T, h, w], got shape {tuple(context.shape)}")
+    if num_target_frames < 1:
+        raise ValueError(f"num_target_frames must be >= 1, got {num_target_frames}")
+    b, c, _, h, w = context.shape
+    shape = (b, c, num_target_frames, h, w)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else context.device)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    x = noise.to(device=context.device, dtype=torch.float32)
+    guided = float(guidance_scale) != 1.0
+    if guided:
+        negative = torch.zeros_like(text) if negative_text is None else negative_text.to(text)
+        if negative.shape[0] == 1 and b > 1:
+            negative = negative.expand(b, *negative.shape[1:])
+        texts = torch.cat([text, negative])
+        ctx = torch.cat([context, context])
+    else:
+        texts, ctx = text, context
+    steps = range(len(sigmas) - 1)
+    for i in progress(steps) if progress is not None else steps:
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x_in = x if not guided else torch.cat([x, x])
+        sequence = torch.cat([ctx, x_in.to(ctx.dtype)], dim=2)
+        t = torch.full((sequence.shape[0],), 1000.0 * sigma, device=context.device)
+        flow = network(sequence, t, texts)[:, :, -num_target_frames:].float()
+        if guided:
+            cond, uncond = flow.chunk(2)
+            flow = classifier_free_guidance(cond, uncond, float(guidance_scale) - 1.0)
+        x = x + (sigma_next - sigma) * flow
+    return x.to(context.dtype)
+
+
+def _as_dataclass(value: Any, cls: type, name: str) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class TeacherERFT(pl.LightningModule):
+    """Long-context teacher fine-tuning with ERFT (§E).
+
+    Args:
+        network: the DiT's `WanConfig` (YAML: ``network: {dim: 64, num_layers: 2, ...}``); default Wan2.1-T2V-1.3B.
+            The DiT is built in `configure_model` (created sharded under ZeRO-3).
+        init_weights: Wan2.1 DiT weights (original or diffusers layout; file or folder) loaded into the base model.
+        finetune: ``"lora"`` (rank/alpha on ``lora_targets``, base frozen; §E.1) or ``"full"``.
+        gradient_checkpointing: recompute DiT blocks in backward.
+        autoencoder / text_encoder: ``"toy"`` / ``"hashed"`` or local folders (frozen, kept out of checkpoints);
+            None when batches are pre-encoded (``latents`` mode; the negative prompt is then all zeros).
+        autoencoder_args / text_encoder_args: keyword arguments of the toy encoders (e.g. ``{dim: 32}``).
+        encoder_dtype: dtype of the real encoders.
+        layout: ``"long"`` = ``[sink | sparse | motion | target]`` (`long_layout` on pixels,
+            `long_layout_from_latents` on latents) or ``"dense"`` = ``[context | target]``.
+        long_layout: segment counts of the long layout (default: the paper's 3 | ≤ 12 | 6 | 21).
+        dense_context_frames: context length of the dense layout (default: half the clip).
+        shift: shift of the training timestep grid and of w(t) (§E.3: 5).
+        erft: injection probabilities and bank settings.
+        sampling: the teacher's own sampler (validation videos, `continue_video`).
+        lr, betas, weight_decay: AdamW (§E.4). Clip gradients with the Trainer's ``gradient_clip_val``.
+        seed: seed of the module's generator (timesteps, noise, injection draws; rank r uses seed + r).
+        val_timesteps: timesteps of the held-out flow loss (fixed noise per batch).
+        val_sample_batches: validation batches per epoch continued with the sampler and logged as videos.
+    """
+
+    def __init__(
+        self,
+        network: WanConfig | None = None,
+        init_weights: str | None = None,
+        finetune: Literal["lora", "full"] = "lora",
+        lora_rank: int = 128,
+        lora_alpha: float = 128.0,
+        lora_targets: str = LORA_TARGETS,
+        gradient_checkpointing: bool = False,
+        autoencoder: str | None = "toy",
+        autoencoder_args: dict[str, Any] | None = None,
+        text_encoder: str | None = "hashed",
+        text_encoder_args: dict[str, Any] | None = None,
+        encoder_dtype: str = "float32",
+        layout: Literal["long", "dense"] = "long",
+        long_layout: LongLayoutConfig | None = None,
+        dense_context_frames: int | None = None,
+        shift: float = 5.0,
+        erft: ERFTConfig | None = None,
+        sampling: TeacherSamplingConfig | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        seed: int = 0,
+        val_timesteps: list[float] | None = None,
+        val_sample_batches: int = 1,
+    ) -> None:
+        super().__init__()
+        self.network_config = _as_dataclass(network, WanConfig, "network") if network is not None \
+            else WanConfig.wan2_1_1_3b()
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+        if layout not in ("long", "dense"):
+            raise ValueError(f"layout must be 'long' or 'dense', got {layout!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if init_weights is not None and not os.path.exists(init_weights):
+            raise FileNotFoundError(f"init_weights {init_weights!r} does not exist; point it to a Wan2.1 "
+                                    "diffusion_pytorch_model.safetensors (or its folder) or set it to null")
+        self.long_layout_config = _as_dataclass(long_layout, LongLayoutConfig, "long_layout")
+        self.erft_config = _as_dataclass(erft, ERFTConfig, "erft")
+        self.sampling_config = _as_dataclass(sampling, TeacherSamplingConfig, "sampling")
+        self.val_timesteps = [float(t) for t in (val_timesteps if val_timesteps is not None else (250, 500, 750))]
+        if any(not 0 < t <= 1000 for t in self.val_timesteps):
+            raise ValueError(f"val_timesteps must lie in (0, 1000], got {self.val_timesteps}")
+        self.save_hyperparameters()
+        # plain dicts in the checkpoint, so that it loads with torch.load(weights_only=True)
+        self.hparams.update(network=dataclasses.asdict(self.network_config),
+                            long_layout=dataclasses.asdict(self.long_layout_config),
+                            erft=dataclasses.asdict(self.erft_config),
+                            sampling=dataclasses.asdict(self.sampling_config))
+        self.injector = self.erft_config.injector()
+        self.banks = self.erft_config.banks(shift, seed)
+        self.network: WanDiT | None = None
+        # encoders are frozen and stay out of the module tree: no checkpoint weights, no ZeRO partitioning
+        self.__dict__["_encoders"] = {}
+        self._generator: torch.Generator | None = None
+        self.validation_videos: list[Tensor] = []
+
+    # ------------------------------------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build the DiT (load ``init_weights``, wrap LoRA); idempotent. Checks the encoders fit it."""
+        if self.network is not None:
+            return
+        network = WanDiT(self.network_config)
+        if self.hparams.init_weights is not None:
+            self._load_base_weights(network, self.hparams.init_weights)
+        if self.hparams.gradient_checkpointing:
+            network.enable_gradient_checkpointing(True)
+        if self.hparams.finetune == "lora":
+            apply_lora(network, self.hparams.lora_rank, self.hparams.lora_alpha, self.hparams.lora_targets)
+        self.network = network
+        self._check_encoders_fit()
+
+    @staticmethod
+    def _load_base_weights(network: WanDiT, path: str) -> None:
+        params = list(network.parameters())
+        if not any(hasattr(p, "ds_id") for p in params):
+            load_wan_weights(network, path)
+            return
+        from cf.strategies import gathered_parameters
+
+        with gathered_parameters(params, modifier_rank=0):
+            if _world()[0] == 0:
+                load_wan_weights(network, path)
+
+    def setup(self, stage: str) -> None:
+        self._build_encoders()
+
+    def _build_encoders(self) -> None:
+        hp = self.hparams
+        if "autoencoder" not in self._encoders and hp.autoencoder is not None:
+            self._encoders["autoencoder"] = build_autoencoder(hp.autoencoder, dtype=hp.encoder_dtype,
+                                                              **(hp.autoencoder_args or {}))
+        if "text_encoder" not in self._encoders and hp.text_encoder is not None:
+            self._encoders["text_encoder"] = build_text_encoder(hp.text_encoder, dtype=hp.encoder_dtype,
+                                                                **(hp.text_encoder_args or {}))
+        self._check_encoders_fit()
+
+    def _check_encoders_fit(self) -> None:
+        cfg = self.network_config
+        ae, te = self._encoders.get("autoencoder"), self._encoders.get("text_encoder")
+        if ae is not None and ae.latent_channels != cfg.in_dim:
+            raise ValueError(f"the autoencoder has {ae.latent_channels} latent channels but the DiT takes "
+                             f"in_dim={cfg.in_dim}; make network.in_dim/out_dim match the autoencoder")
+        if te is not None and te.dim != cfg.text_dim:
+            raise ValueError(f"the text encoder gives {te.dim}-dim embeddings but the DiT has text_dim="
+                             f"{cfg.text_dim}; make network.text_dim match the text encoder")
+
+    @property
+    def autoencoder(self) -> VideoAutoencoder:
+        """The frozen autoencoder, on this module's device."""
+        return self._encoder("autoencoder", "decode pixel clips / videos")
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The frozen text encoder, on this module's device."""
+        return self._encoder("text_encoder", "embed captions")
+
+    def _encoder(self, name: str, what: str) -> nn.Module:
+        self._build_encoders()
+        encoder = self._encoders.get(name)
+        if encoder is None:
+            raise ValueError(f"no {name} configured, but one is needed to {what}; set model.{name} "
+                             "(e.g. 'toy'/'hashed' or a local folder)")
+        reference = next(iter([*encoder.parameters(), *encoder.buffers()]), None)
+        if reference is not None and reference.device != self.device:
+            encoder.to(self.device)
+        return encoder
+
+    def generator(self) -> torch.Generator:
+        """The module's CPU generator (seed + global rank); its state is checkpointed."""
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(int(self.hparams.seed) + self.global_rank)
+        return self._generator
+
+    def _require_network(self) -> WanDiT:
+        if self.network is None:
+            raise RuntimeError("the DiT is not built yet: call configure_model() (the Trainer does this)")
+        return self.network
+
+    def _network_dtype(self) -> torch.dtype:
+        return self._require_network().patch_embedding.weight.dtype
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def teacher_inputs(self, batch: Mapping[str, Any]) -> tuple[TeacherLayout, Tensor]:
+        """(layout, text embeddings ``[B, L, D]``) of a ``video`` or ``latents`` batch of `data.VideoDataModule`."""
+        hp = self.hparams
+        if "video" in batch:
+            video = batch["video"]
+            autoencoder = self.autoencoder
+            video = video.to(self.device, torch.float32)
+            if hp.layout == "long":
+                layout = long_layout(video, autoencoder, self.long_layout_config)
+            else:
+                with torch.no_grad():
+                    latents = autoencoder.encode(video)
+                layout = dense_layout(latents, hp.dense_context_frames, autoencoder.temporal_factor)
+        elif "latents" in batch:
+            latents = batch["latents"].to(self.device)
+            factor = int(getattr(self._encoders.get("autoencoder"), "temporal_factor", 4))
+            if hp.layout == "long":
+                layout = long_layout_from_latents(latents, self.long_layout_config, factor)
+            else:
+                layout = dense_layout(latents, hp.dense_context_frames, factor)
+        else:
+            raise ValueError(f"a teacher batch needs 'video' (data mode 'video') or 'latents' (mode 'latents'); "
+                             f"got keys {sorted(batch)}")
+        if layout.latents.shape[1] != self.network_config.in_dim:
+            raise ValueError(f"latents have {layout.latents.shape[1]} channels but the DiT takes "
+                             f"{self.network_config.in_dim}; check the autoencoder / latent shards")
+        if "text" in batch:
+            text = batch["text"].to(self.device)
+        else:
+            text = self.text_encoder(list(batch["caption"]))
+        return layout, text
+
+    def negative_embeddings(self, batch_size: int, like: Tensor) -> Tensor:
+        """Embeddings ``[B, L, D]`` of the sampler's negative prompt (zeros without a text encoder)."""
+        if self.hparams.text_encoder is None:
+            return torch.zeros_like(like)
+        negative = self.text_encoder.embed_cached([self.sampling_config.negative_prompt])
+        return negative.to(like).expand(batch_size, *negative.shape[1:])
+
+    # ------------------------------------------------------------------------------------------------ training
+    def erft_step(self, layout: TeacherLayout, text: Tensor, harvest: bool = True) -> ERFTStepOutput:
+        """One ERFT step on a layout (§E.3): draw t and noise, inject, predict, weighted flow loss on the target,
+        harvest the residuals into the banks (``harvest``; a collective during the bank warm-up)."""
+        network = self._require_network()
+        generator = self.generator()
+        target = layout.target.float()
+        batch = target.shape[0]
+        t = sample_grid_timesteps(batch, self.hparams.shift, generator=generator).to(self.device)
+        noise = torch.randn(target.shape, generator=generator).to(self.device)
+        flags = self.injector.draw_flags(generator)
+        injection = self.injector.inject(target, noise, layout.context.float(), t, self.banks, flags, generator,
+                                         context_error_slice=layout.context_error_slice)
+        sequence = torch.cat([injection.context, injection.noisy_target], dim=2).to(self._network_dtype())
+        flow = network(sequence, t, text.to(self._network_dtype()))
+        flow_pred = flow[:, :, layout.num_context_frames:]
+        loss = flow_matching_loss(flow_pred.float(), injection.noise, target, t, weighting=True,
+                                  shift=self.hparams.shift)
+        v_star = flow_target(target, injection.noise)
+        if harvest:
+            self.banks.harvest(flow_pred.detach().float(), v_star, t, flags.clean_step)
+        return ERFTStepOutput(loss, t, flow_pred, v_star, injection, flags)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        layout, text = self.teacher_inputs(batch)
+        out = self.erft_step(layout, text)
+        info = out.injection.info
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({
+            "train/t": out.t.float().mean(),
+            "erft/clean_step": float(out.flags.clean_step),
+            "erft/noise_injected": info.noise_applied.float().mean(),
+            "erft/latent_injected": info.latent_applied.float().mean(),
+            "erft/context_injected": info.context_applied.float().mean(),
+            **{f"erft/{k}": v for k, v in self.banks.stats().items()},
+        })
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self._require_network().parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the DiT has no trainable parameters; check finetune / lora_targets")
+        return torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                 weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def continue_video(
+        self,
+        context_latents: Tensor,
+        prompt_embeddings: Tensor,
+        num_target_frames: int,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_embeddings: Tensor | None = None,
+        shift: float | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Continue ``context_latents`` ``[B, C, T_c, h, w]`` by ``num_target_frames`` latents with the teacher's
+        sampler (defaults from ``sampling``); ``prompt_embeddings`` ``[B, L, D]``; the negative prompt defaults to
+        the configured one. Returns ``[B, C, num_target_frames, h, w]``."""
+        network = self._require_network()
+        cfg = self.sampling_config
+        steps = num_inference_steps or cfg.num_inference_steps
+        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        text = prompt_embeddings.to(self.device, self._network_dtype())
+        if negative_embeddings is None and scale != 1.0:
+            negative_embeddings = self.negative_embeddings(text.shape[0], text)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = lambda it: tqdm(it, desc="teacher sampling", unit="step", leave=False)  # noqa: E731
+        was_training = network.training
+        network.eval()
+        try:
+            return continue_latents(
+                network, context_latents.to(self.device, self._network_dtype()), text, num_target_frames,
+                sampling_sigmas(steps, cfg.shift if shift is None else shift), scale, negative_embeddings,
+                noise=noise, generator=generator, progress=bar,
+            )
+        finally:
+            network.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def held_out_loss(self, layout: TeacherLayout, text: Tensor, generator: torch.Generator) -> Tensor:
+        """Weighted flow loss on the target without error injection, averaged over ``val_timesteps`` (one noise
+        draw from ``generator`` per timestep): a deterministic measure of the teacher's fit."""
+        network = self._require_network()
+        target = layout.target.float()
+        losses = []
+        for t_value in self.val_timesteps:
+            noise = torch.randn(target.shape, generator=generator).to(self.device)
+            t = torch.full((target.shape[0],), t_value, device=self.device)
+            s = t_value / 1000.0
+            sequence = torch.cat([layout.context.float(), (1 - s) * target + s * noise], dim=2)
+            flow = network(sequence.to(self._network_dtype()), t, text.to(self._network_dtype()))
+            losses.append(flow_matching_loss(flow[:, :, layout.num_context_frames:].float(), noise, target, t,
+                                             weighting=True, shift=self.hparams.shift))
+        return torch.stack(losses).mean()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        layout, text = self.teacher_inputs(batch)
+        generator = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + batch_idx)
+        loss = self.held_out_loss(layout, text, generator)
+        self.log("val/flow_loss", loss, prog_bar=True, sync_dist=True, batch_size=layout.latents.shape[0])
+        if batch_idx < self.hparams.val_sample_batches:
+            self._sample_validation_video(layout, text, generator)
+        return loss
+
+    def _sample_validation_video(self, layout: TeacherLayout, text: Tensor, generator: torch.Generator) -> None:
+        target = layout.target
+        generated = self.continue_video(layout.context[:1], text[:1], target.shape[2], generator=generator)
+        if self.hparams.autoencoder is None:
+            return
+        autoencoder = self.autoencoder
+        with torch.no_grad():
+            real = autoencoder.decode(target[:1].float())
+            fake = autoencoder.decode(generated.float())
+        self.validation_videos.append(torch.cat([real, fake], dim=-1)[0].cpu())  # [3, T, H, 2W]: truth | teacher
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_videos = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.validation_videos or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        self._write_validation_videos()
+
+    def _write_validation_videos(self) -> None:
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        folder = os.path.join(log_dir, "videos")
+        os.makedirs(folder, exist_ok=True)
+        from cf.video_io import Mp4Writer
+
+        fps = 16
+        for index, video in enumerate(self.validation_videos):
+            path = os.path.join(folder, f"teacher_val_step{self.global_step:07d}_{index}.mp4")
+            with Mp4Writer(path, fps=fps) as writer:
+                writer.write(video)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            video = self.validation_videos[0]
+            frames = video[:, torch.linspace(0, video.shape[1] - 1, 4).long()]  # [3, 4, H, 2W]
+            strip = torch.cat(list(frames.unbind(1)), dim=1)  # frames stacked vertically
+            experiment.add_image("val/target_truth_vs_teacher", (strip + 1) / 2, self.global_step)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the error banks and the generator of every rank (keyed by rank) and the export metadata."""
+        state = {"banks": self.banks.state_dict(), "generator": self.generator().get_state()}
+        rank, world = _world()
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, state)
+            per_rank = dict(enumerate(gathered))
+        else:
+            per_rank = {0: state}
+        checkpoint[ERFT_STATE_KEY] = {"world_size": world, "ranks": per_rank}
+        checkpoint[EXPORT_KEY] = {
+            "wan_config": dataclasses.asdict(self.network_config),
+            "finetune": self.hparams.finetune,
+            "lora_rank": int(self.hparams.lora_rank),
+            "lora_alpha": float(self.hparams.lora_alpha),
+            "network_prefix": "network",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore this rank's error banks and generator (rank r of a run with another world size gets the state
+        of rank r mod saved world size)."""
+        saved = checkpoint.get(ERFT_STATE_KEY)
+        if saved is None:
+            log.warning("the checkpoint has no ERFT state: the error banks start empty")
+            return
+        rank, world = _world()
+        ranks = saved["ranks"]
+        if saved["world_size"] != world:
+            log.warning(f"the checkpoint was written by {saved['world_size']} ranks and this run has {world}; "
+                        "rank r restores the error banks of saved rank r mod the saved world size")
+        state = ranks[rank % len(ranks)]
+        self.banks.load_state_dict(state["banks"])
+        self.generator().set_state(state["generator"])
+
+    # ------------------------------------------------------------------------------------------------ export
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The DiT weights with LoRA merged, original Wan names (loads strict into `WanDiT`), on CPU."""
+        network = self._require_network()
+        params = list(network.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            from cf.strategies import gathered_parameters
+
+            with gathered_parameters(params):
+                state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        else:
+            state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        if self.hparams.finetune == "lora":
+            state = merge_lora_state_dict(state, alpha=self.hparams.lora_alpha)
+        return state
