@@ -642,6 +642,7 @@ class CDMDStudent(pl.LightningModule):
         grad_norm = _grad_norm(active)
         if clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        idle.requires_grad_(True)  # both trainable between phases (checkpoints may leave frozen weights out)
         if phase == "critic":
             optimizer.step()  # counted: global_step == trainer steps
             self.critic_updates += 1
@@ -649,6 +650,7 @@ class CDMDStudent(pl.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
             self.lr_schedulers().step()
             self.generator_updates += 1
+        optimizer.zero_grad(set_to_none=True)  # the next phase starts without this network's gradients
         logged = {f"train/{phase}_loss": totals.pop("loss"),
                   f"train/{phase}_rollout_frames": totals.pop("frames"),
                   f"train/{phase}_exit_index": totals.pop("exit_index")}
