@@ -160,7 +160,9 @@ def test_wan_configs_instantiate_with_the_paper_values(tmp_path, monkeypatch, st
     assert rollout.sampling.timesteps().tolist() == pytest.approx([1000.0, 937.5, 833.33, 625.0], abs=0.01)
     strategy = loaded.trainer.strategy
     assert type(strategy).__name__ == "DeepSpeedStrategy"
-    assert strategy.engine_configs == {"generator": {"gradient_clipping": 2.0}, "critic": {"gradient_clipping": 2.0}}
+    engine = {"gradient_accumulation_steps": 8, "gradient_clipping": 2.0}
+    assert strategy.engine_configs == {"generator": engine, "critic": engine}
+    assert strategy.zero_stage_3 and strategy.config["bf16"]["enabled"]
     assert loaded.datamodule.batch_size == 8
     ema = [c for c in loaded.trainer.callbacks if type(c).__name__ == "EMA"][0]
     assert (ema.decay, ema.start_step) == (0.99, 200)

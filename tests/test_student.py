@@ -49,7 +49,7 @@ def prompt_file(tmp_path_factory):
     return str(path)
 
 
-def make_student(teacher_file: str, stage: int = 1, **overrides) -> CDMDStudent:
+def make_student(teacher_file: str, stage: int = 1, build: bool = True, **overrides) -> CDMDStudent:
     """A tiny student: stage 1 = 2-block (6-frame) rollouts, no context; stage 2 = 5-block rollouts, 6 + 6 window."""
     args = dict(network=TINY, teacher_weights=teacher_file, latent_size=(4, 4), text_encoder_args=TEXT,
                 memory=MemoryConfig(), critic_steps_per_generator_step=2, val_num_frames=6,
@@ -62,7 +62,8 @@ def make_student(teacher_file: str, stage: int = 1, **overrides) -> CDMDStudent:
                     guidance_scale=5.0, critic_time_weighting=True)
     args.update(overrides)
     module = CDMDStudent(**args)
-    module.configure_model()
+    if build:
+        module.configure_model()
     return module
 
 
@@ -320,6 +321,45 @@ def test_validation_streams_videos_and_export_rebuilds_the_generator(teacher_fil
     from_checkpoint = student_module.read_generator_weights(checkpoint)
     for key, value in module.generator.state_dict().items():
         torch.testing.assert_close(from_checkpoint[key], value)
+
+
+class SaveWeights(Callback):
+    """Writes the trained networks at the end of fit (from inside a spawned worker too)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+                    if not k.startswith("real_score.")}, self.path)
+
+
+def test_deepspeed_engines_accumulate_like_the_plain_loop(teacher_file, prompt_file, tmp_path):
+    """Two DeepSpeed engines (ZeRO-2, one process) with engine-side accumulation and clipping give the same
+    updates as the plain accumulate-clip-step loop."""
+    from cf.strategies import DeepSpeedStrategy
+
+    overrides = dict(gradient_accumulation=2, generator_grad_clip=0.05, critic_grad_clip=0.05)
+    runs = {}
+    for name in ("plain", "deepspeed"):
+        kwargs = {}
+        if name == "deepspeed":
+            config = {"zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": 1,
+                      "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
+            engine = {"gradient_accumulation_steps": 2, "gradient_clipping": 0.05}
+            kwargs["strategy"] = DeepSpeedStrategy(config=config, start_method="spawn", process_timeout=300,
+                                                   engine_configs={"generator": engine, "critic": engine})
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, default_root_dir=tmp_path / name,
+                             callbacks=[SaveWeights(tmp_path / f"{name}.pt")], **kwargs)
+        trainer.fit(make_student(teacher_file, build=name == "plain", **overrides), prompts(prompt_file, 2))
+        runs[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    initial = _state(make_student(teacher_file))
+    for key, value in runs["plain"].items():
+        torch.testing.assert_close(runs["deepspeed"][key], value, rtol=0, atol=2e-5, msg=key)
+    moved = max(float((value - initial[key]).abs().max()) for key, value in runs["plain"].items())
+    assert moved > 1e-3  # both networks moved, by far more than the tolerance
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ index are drawn from generators seeded by (seed, trainer step, phase, micro-batc
 communication; the noise additionally by the rank. So a resumed run continues exactly.
 
 ``trainer.global_step`` counts trainer steps (critic updates): the generator's optimizer steps are not counted.
+Under `cf.strategies.DeepSpeedStrategy` each network has its own engine, which accumulates the micro-batches and
+clips (its ``gradient_accumulation_steps`` / ``gradient_clipping`` must equal this module's settings).
 Shapes: latents ``[B, C, T, h, w]``; text ``[B, L, D]``; timesteps ``[B]``.
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,8 +53,6 @@ from cf.rollout import (
     train_rollout,
 )
 from cf.weights import WeightLoadError, load_into, normalize_state_dict, read_state_dict, save_wan_weights
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "CDMDStudent",
@@ -372,7 +371,7 @@ class CDMDStudent(pl.LightningModule):
         self.generator_stepped = False  # True in a batch that updated the generator; read by the EMA callback
         self.validation_videos: list[dict[str, Any]] = []
 
-    # ------------------------------------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------------------------------------ arguments
     def _check_arguments(self, args: Mapping[str, Any]) -> None:
         """Reject bad configurations before any network is built."""
         problems = []
@@ -623,34 +622,46 @@ class CDMDStudent(pl.LightningModule):
 
     def _update(self, phase: Literal["generator", "critic"], micro_batches: list[list[str]], step: int
                 ) -> dict[str, float]:
-        """One accumulated update of the generator or the critic; the other network is frozen meanwhile."""
+        """One accumulated update of the generator or the critic; the other network is frozen meanwhile.
+
+        Without DeepSpeed engines the micro-batch gradients are summed (each loss divided by their number), clipped
+        and applied once. A DeepSpeed engine accumulates itself: it scales each loss by its
+        ``gradient_accumulation_steps`` (= ``gradient_accumulation``), is stepped after every micro-batch and
+        updates (and clips) at its boundary.
+        """
         generator, critic, _ = self._networks()
         optimizer = self.optimizers()[0 if phase == "generator" else 1]
+        engine_accumulates = self._engine(phase) is not None
         active, idle = (generator, critic) if phase == "generator" else (critic, generator)
         idle.requires_grad_(False)
         active.requires_grad_(True)
         loss_fn = self.generator_loss if phase == "generator" else self.critic_loss
-        optimizer.zero_grad(set_to_none=True)
+        count = len(micro_batches)
+        if not engine_accumulates:
+            optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro, captions in enumerate(micro_batches):
             loss, stats = loss_fn(captions, step, micro)
-            self.manual_backward(loss / len(micro_batches))
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / len(micro_batches)
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
-        clip = self.hparams.generator_grad_clip if phase == "generator" else self.hparams.critic_grad_clip
-        grad_norm = _grad_norm(active)
-        if clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            self.manual_backward(loss if engine_accumulates else loss / count)
+            if engine_accumulates and micro < count - 1:
+                self._optimizer_step(optimizer, counted=False)
+            for key, value in (("loss", loss.detach()), *stats.items()):
+                totals[key] = totals.get(key, 0.0) + float(value) / count
+        grad_norm = None
+        if not engine_accumulates:
+            grad_norm = _grad_norm(active)
+            clip = self.hparams.generator_grad_clip if phase == "generator" else self.hparams.critic_grad_clip
+            if clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         idle.requires_grad_(True)  # both trainable between phases (checkpoints may leave frozen weights out)
+        self._optimizer_step(optimizer, counted=phase == "critic")  # global_step counts trainer steps
         if phase == "critic":
-            optimizer.step()  # counted: global_step == trainer steps
             self.critic_updates += 1
         else:
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
             self.lr_schedulers().step()
             self.generator_updates += 1
-        optimizer.zero_grad(set_to_none=True)  # the next phase starts without this network's gradients
+        if not engine_accumulates:
+            optimizer.zero_grad(set_to_none=True)  # the next phase starts without this network's gradients
         logged = {f"train/{phase}_loss": totals.pop("loss"),
                   f"train/{phase}_rollout_frames": totals.pop("frames"),
                   f"train/{phase}_exit_index": totals.pop("exit_index")}
@@ -658,6 +669,18 @@ class CDMDStudent(pl.LightningModule):
         if grad_norm is not None:
             logged[f"train/{phase}_grad_norm"] = grad_norm
         return logged
+
+    def _optimizer_step(self, optimizer: Any, counted: bool) -> None:
+        """Step through Lightning; ``counted=False`` leaves ``trainer.global_step`` alone."""
+        if counted:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def _engine(self, name: str) -> Any | None:
+        """The DeepSpeed engine of ``name`` under `cf.strategies.DeepSpeedStrategy`, else None."""
+        engines = getattr(self.trainer.strategy, "engines", None) or {}
+        return engines.get(name)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
         hp = self.hparams
@@ -673,17 +696,17 @@ class CDMDStudent(pl.LightningModule):
         self._check_engines()
 
     def _check_engines(self) -> None:
-        """Under a multi-engine DeepSpeed strategy the engines clip; their settings must match this module's."""
-        engines = getattr(self.trainer.strategy, "engines", None) or {}
+        """Under a multi-engine DeepSpeed strategy the engines accumulate and clip; their settings must match."""
         hp = self.hparams
         for name, clip in (("generator", hp.generator_grad_clip), ("critic", hp.critic_grad_clip)):
-            engine = engines.get(name)
+            engine = self._engine(name)
             if engine is None:
                 continue
-            if engine.gradient_accumulation_steps() != 1:
-                raise ValueError(f"the DeepSpeed engine {name!r} has gradient_accumulation_steps="
-                                 f"{engine.gradient_accumulation_steps()}; CDMDStudent accumulates micro-batches "
-                                 "itself (gradient_accumulation), so leave the engines at 1")
+            if engine.gradient_accumulation_steps() != hp.gradient_accumulation:
+                steps = hp.gradient_accumulation
+                raise ValueError(f"the DeepSpeed engine {name!r} accumulates {engine.gradient_accumulation_steps()} "
+                                 f"micro-batches but gradient_accumulation is {steps}; set strategy "
+                                 f"engine_configs: {{{name}: {{gradient_accumulation_steps: {steps}}}}}")
             if float(engine.gradient_clipping() or 0.0) != float(clip or 0.0):
                 raise ValueError(f"the DeepSpeed engine {name!r} clips at {engine.gradient_clipping()} but "
                                  f"{name}_grad_clip is {clip}; set strategy engine_configs: {{{name}: "
