@@ -14,6 +14,7 @@ from cf.evaluation.ground_truth import (
     ground_truth_metrics,
     reference_free_metrics,
     unmix,
+    visible_sprite_areas,
 )
 
 FPS = 16
@@ -207,13 +208,31 @@ def test_reference_free_background_drift():
     assert result["background_colour_drift"]["windowed"][5.0] == pytest.approx(30.0, abs=1.0)
 
 
-def test_recall_with_the_dataset_renderer_when_available():
+def test_recall_on_dataset_clips_sharp_and_pooled():
     synthetic = pytest.importorskip("data.synthetic")
-    if not hasattr(synthetic, "render_clip"):
-        pytest.skip("data.synthetic.render_clip is not available")
-    spec = make_spec()
-    frames = np.asarray(synthetic.render_clip(spec))
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        pytest.skip(f"data.synthetic.render_clip returned {frames.shape}, not [T, H, W, 3]")
-    result = ground_truth_metrics(frames, spec)
-    assert result["identity_recall_anywhere"] == 1.0
+    spec = synthetic.make_clip_spec(22, fps=8, min_seconds=8.0, max_seconds=8.0, num_sprites=2)  # has re-entries
+    frames = synthetic.render_clip(spec)
+    for video in (frames, pool_patches(frames)):
+        result = ground_truth_metrics(video, spec)
+        assert len(result["reentry_events"]) >= 1
+        assert result["identity_recall_anywhere"] == 1.0 and result["identity_recall_at_track"] == 1.0
+
+
+def test_visible_areas_match_the_dataset_renderer():
+    synthetic = pytest.importorskip("data.synthetic")
+    spec = synthetic.make_clip_spec(24, min_seconds=6.0, max_seconds=6.0, num_sprites=3)
+    frames = synthetic.render_clip(spec)
+    areas = visible_sprite_areas(spec)
+    for column, sprite in enumerate(spec["sprites"]):
+        counted = (frames == np.array(sprite["color"], np.uint8)).all(-1).sum(axis=(1, 2))
+        assert np.array_equal(counted, areas[:, column].numpy().astype(int))
+    assert (areas > 0).any()
+
+
+def test_visible_areas_account_for_occlusion_by_later_sprites():
+    spec = make_spec("flat")
+    for sprite in spec["sprites"]:  # both squares at the same place: the later one hides the earlier one
+        sprite["shape"] = "square"
+        sprite["track"] = {"x": [32.0] * NUM_FRAMES, "y": [32.0] * NUM_FRAMES, "visible": [True] * NUM_FRAMES}
+    areas = visible_sprite_areas(spec)
+    assert areas[:, 0].eq(0).all() and areas[:, 1].eq(144).all()

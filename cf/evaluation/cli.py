@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=None, help="override the videos' frame rate")
     parser.add_argument("--reference-s", type=float, default=1.0,
                         help="seconds at the start used as reference by the ground-truth-free pixel metrics")
+    parser.add_argument("--background-s", type=float, default=4.0,
+                        help="seconds at the start whose per-pixel median is the background image (pixel metrics)")
     parser.add_argument("--pixel-max-side", type=int, default=128,
                         help="downscale frames to this longer side for pixel metrics (default 128)")
     parser.add_argument("--flashback-min-rise", type=float, default=0.1,
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
 
     config = EvaluationConfig(
         timestamps=tuple(args.timestamps), half_width=args.window, min_coverage=args.min_coverage, fps=args.fps,
-        reference_s=args.reference_s, pixel_max_side=args.pixel_max_side,
+        reference_s=args.reference_s, background_s=args.background_s, pixel_max_side=args.pixel_max_side,
         flashback_smoothing_s=args.flashback_smoothing_s, flashback_min_decline=args.flashback_min_decline,
         flashback_min_rise=args.flashback_min_rise, flashback_max_rise_s=args.flashback_max_rise_s,
         max_videos=args.max_videos)

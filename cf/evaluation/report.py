@@ -58,7 +58,8 @@ class EvaluationConfig:
     half_width: float = 0.5  # window [t − h, t + h) seconds
     min_coverage: float = 0.5  # fraction of a window that must lie inside the video
     fps: float | None = None  # override the container's frame rate
-    reference_s: float = 1.0  # reference span of the ground-truth-free pixel metrics
+    reference_s: float = 1.0  # identity reference span of the ground-truth-free pixel metrics
+    background_s: float = 4.0  # background-image span of the ground-truth-free pixel metrics
     pixel_max_side: int = 128  # frames are area-downscaled to this longer side for the pixel metrics
     flashback_smoothing_s: float = 0.5
     flashback_min_decline: float = 0.1
@@ -138,7 +139,8 @@ def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, pro
     pixel_curve = pixel_similarity_to_first_frame(small)
     windowed["pixel_first_frame"] = windowed_mean(100 * pixel_curve, fps, **window)
     flashbacks["pixel"] = [e.to_dict() for e in detect_flashbacks(pixel_curve, fps, **flash)]
-    reference_free = reference_free_metrics(small, fps, reference_s=config.reference_s, **window)
+    reference_free = reference_free_metrics(small, fps, reference_s=config.reference_s,
+                                            background_s=config.background_s, **window)
     for name in PIXEL_CURVES:
         windowed[name] = reference_free[name]["windowed"]
         scalars[f"{name}_mean"] = reference_free[name]["mean"]

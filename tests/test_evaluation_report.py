@@ -1,0 +1,105 @@
+"""`cf evaluate` on two folders of tiny mp4s writes metrics.json, metrics.csv and PNG plots."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from cf.cli import main as cf_main  # noqa: E402
+from cf.evaluation.report import EvaluationConfig, evaluate_folders, load_prompts  # noqa: E402
+from cf.video_io import encode_mp4  # noqa: E402
+from data.synthetic import make_clip_spec, render_clip  # noqa: E402
+from test_evaluation_features import build_tiny_clip, build_tiny_dino  # noqa: E402
+
+FPS = 8
+
+
+def write_folder(folder, specs, lose_identities_after=None):
+    """One mp4 (+ prompt .txt and ground-truth .json) per spec; optionally paint the sprites over with background."""
+    folder.mkdir(parents=True)
+    for index, spec in enumerate(specs):
+        frames = render_clip(spec)
+        if lose_identities_after is not None:
+            background = render_clip({**spec, "sprites": []})
+            frames[lose_identities_after:] = background[lose_identities_after:]
+        (folder / f"clip{index}.mp4").write_bytes(encode_mp4(frames, fps=FPS))
+        (folder / f"clip{index}.json").write_text(json.dumps(spec))
+        (folder / f"clip{index}.txt").write_text(f"clip number {index}")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    # seeds whose sprites leave and come back within the 8 s
+    specs = [make_clip_spec(seed, fps=FPS, min_seconds=8.0, max_seconds=8.0, num_sprites=2) for seed in (22, 9)]
+    write_folder(root / "model_a", specs)
+    write_folder(root / "model_b", specs, lose_identities_after=2 * FPS)
+    return root
+
+
+def test_cf_evaluate_writes_json_csv_and_plots(folders, tmp_path):
+    dino = build_tiny_dino(tmp_path / "dino")
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "out"
+    cf_main(["evaluate", str(folders / "model_a"), str(folders / "model_b"), "--out", str(out), "--dino", str(dino),
+             "--clip", str(clip), "--timestamps", "0.5,1,3,3.5,20", "--dino-image-size", "32", "--batch-size", "8"])
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["models"]) == {"model_a", "model_b"}
+    summary_a, summary_b = (report["models"][m]["summary"] for m in ("model_a", "model_b"))
+    for name in ("dinov2", "clip_f_first_frame", "clip_f_consecutive", "clip_t", "identity_presence",
+                 "pixel_first_frame", "gt_background_colour_drift"):
+        assert summary_a["windowed"][name]["20"] is None  # beyond the 8 s videos: missing, not 0
+        assert summary_a["windowed"][name]["1"] is not None
+    assert 0 < summary_a["vbench_subject_consistency"] <= 100
+    assert 0 < summary_a["vbench_background_consistency"] <= 100
+    # model_b loses its sprites at 2 s: identities vanish, ground-truth recall drops
+    assert summary_a["windowed"]["identity_presence"]["3.5"] > 0.5  # sprites wander out of view now and then
+    assert summary_b["windowed"]["identity_presence"]["3.5"] == pytest.approx(0.0)
+    assert summary_b["windowed"]["identity_presence"]["0.5"] == summary_a["windowed"]["identity_presence"]["0.5"]
+    assert summary_a["gt_reentry_events"] == summary_b["gt_reentry_events"] == 3
+    assert summary_a["gt_identity_recall_anywhere"] == 1.0 and summary_a["gt_identity_recall_at_track"] == 1.0
+    assert summary_b["gt_identity_recall_anywhere"] == 0.0
+    video = report["models"]["model_a"]["videos"]["clip0"]
+    assert set(video["flashbacks"]) == {"pixel", "dinov2", "clip"}
+    assert video["scalars"]["num_frames"] == 8 * FPS
+
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"model", "video", "metric", "time_s", "value"}
+    dino_rows = [r for r in rows if r["model"] == "model_b" and r["video"] == "ALL" and r["metric"] == "dinov2"]
+    assert {r["time_s"] for r in dino_rows} == {"0.5", "1", "3", "3.5", "20"}
+    assert [r["value"] for r in dino_rows if r["time_s"] == "20"] == [""]
+    plot = out / "identity_presence_vs_time.png"
+    assert plot.is_file() and (out / "dinov2_vs_time.png").is_file()
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+
+
+def test_without_feature_models_only_pixel_metrics_run(folders, tmp_path):
+    config = EvaluationConfig(timestamps=(1.0, 3.0), max_videos=1)
+    report = evaluate_folders([folders / "model_a"], tmp_path / "out", config=config)
+    assert any("--dino" in note for note in report["notes"]) and any("--clip" in note for note in report["notes"])
+    windowed = report["models"]["model_a"]["summary"]["windowed"]
+    assert "dinov2" not in windowed and "clip_t" not in windowed
+    assert "identity_presence" in windowed and "gt_background_spec_error" in windowed
+    assert (tmp_path / "out" / "metrics.csv").is_file()
+
+
+def test_user_errors_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video folder not found"):
+        evaluate_folders([tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.mp4"):
+        evaluate_folders([tmp_path / "empty"], tmp_path / "out")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("clip0\ta red square\nbroken line\n")
+    with pytest.raises(ValueError, match="stem<TAB>prompt"):
+        load_prompts(prompts)
+    prompts.write_text("clip0\ta red square\n")
+    assert load_prompts(prompts) == {"clip0": "a red square"}
