@@ -175,13 +175,13 @@ def critic_denoising_loss(critic: nn.Module, target: Tensor, context: Tensor | N
 def read_generator_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """Causal-student initial weights, original Wan names: a Wan-layout file or folder (original or diffusers; a
     bidirectional Wan/teacher file works too), or a Lightning ``.ckpt`` of `CDMDStudent` / `ODEInitStudent` (its
-    ``generator.*`` weights). Checkpoints are unpickled: read only files you trust."""
+    ``generator.*`` weights)."""
     path = Path(path)
     if path.suffix != ".ckpt":
         return normalize_state_dict(read_state_dict(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, Mapping) else {}
     generator = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
     if not generator:
@@ -279,10 +279,11 @@ class CDMDStudent(pl.LightningModule):
         timestep_shift / min_timestep / max_timestep: the DMD/critic timestep draw (shift 5, clamp [20, 980]).
         critic_time_weighting: weight the critic loss by w(t) (§I.12: stage 1 off, stage 2 on).
         critic_steps_per_generator_step: trainer steps per generator update (5).
-        gradient_accumulation: micro-batches per update; a batch holds ``gradient_accumulation`` micro-batches.
+        gradient_accumulation: micro-batches per update; a batch holds ``gradient_accumulation`` micro-batches
+            (under DeepSpeed the engines' ``gradient_accumulation_steps`` must equal it).
         generator_lr / generator_betas / critic_lr / critic_betas / weight_decay: AdamW settings (§F.8).
-        generator_grad_clip / critic_grad_clip: gradient-norm clipping (2.0; under DeepSpeed the engines' own
-            ``gradient_clipping`` must equal these).
+        generator_grad_clip / critic_grad_clip: gradient-norm clipping (2.0; None: none). Under DeepSpeed the
+            engines clip, and their ``gradient_clipping`` must equal these.
         lr_total_steps / lr_floor: the generator's cosine-with-floor schedule over generator updates (§F.3).
         gradient_checkpointing: recompute DiT blocks in backward (generator and critic).
         seed: base seed of every random draw of training.
@@ -329,8 +330,8 @@ class CDMDStudent(pl.LightningModule):
         critic_lr: float = 4e-7,
         critic_betas: tuple[float, float] = (0.5, 0.95),
         weight_decay: float = 0.01,
-        generator_grad_clip: float = 2.0,
-        critic_grad_clip: float = 2.0,
+        generator_grad_clip: float | None = 2.0,
+        critic_grad_clip: float | None = 2.0,
         lr_total_steps: int = 2001,
         lr_floor: float = 0.2,
         gradient_checkpointing: bool = False,
@@ -427,6 +428,10 @@ class CDMDStudent(pl.LightningModule):
             problems.append("need 0 <= min_timestep <= max_timestep <= 1000")
         if args["val_num_frames"] < n or args["val_num_frames"] % n:
             problems.append(f"val_num_frames must be a positive multiple of frames_per_chunk ({n})")
+        try:
+            resolve_dtype(args["teacher_dtype"])
+        except ValueError as error:
+            problems.append(f"teacher_dtype: {error}")
         if len(args["latent_size"]) != 2:
             problems.append(f"latent_size must be (h, w), got {args['latent_size']}")
         if problems:
