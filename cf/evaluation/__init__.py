@@ -19,11 +19,12 @@ from cf.evaluation.metrics import (
     windowed_first_frame_score,
     windowed_mean,
 )
+from cf.evaluation.report import EvaluationConfig, evaluate_folders, evaluate_video
 
 __all__ = [
     "ClipFeatures", "DinoFeatures", "FrameFeatures", "FlashbackEvent", "detect_flashbacks", "ColourMatching",
     "ground_truth_metrics", "reference_free_metrics", "DEFAULT_TIMESTAMPS", "VBenchConsistency", "WindowedScore",
     "clip_text_score", "consecutive_frame_similarity", "similarity_to_first_frame", "vbench_consistency",
     "vbench_frame_scores", "window_frame_indices", "windowed_clip_t_score", "windowed_consecutive_frame_score",
-    "windowed_first_frame_score", "windowed_mean",
+    "windowed_first_frame_score", "windowed_mean", "EvaluationConfig", "evaluate_folders", "evaluate_video",
 ]

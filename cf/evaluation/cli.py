@@ -1,7 +1,7 @@
 """``cf evaluate``: metrics of one or more folders of generated mp4s, side by side.
 
-    cf evaluate runs/cf_student runs/longlive --out eval/ --dino weights/dinov2-base --clip weights/clip-vit-b32 \
-        --prompts prompts.json --timestamps 10,20,30,40,50,60
+    cf evaluate runs/cf_student runs/longlive --out eval/ --prompts prompts.json
+        --dino weights/dinov2-base --clip weights/clip-vit-b32 --timestamps 10,20,30,40,50,60
 
 Writes ``metrics.json``, ``metrics.csv`` and ``<metric>_vs_time.png`` (one line per folder) into ``--out``.
 Without ``--dino`` / ``--clip`` only the pixel and ground-truth metrics run (metrics.json says so under "notes").

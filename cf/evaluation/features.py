@@ -136,10 +136,10 @@ class FrameFeatures(ABC):
     @torch.no_grad()
     def image_features(self, frames: Tensor | np.ndarray) -> Tensor:
         """uint8 ``[T, H, W, 3]`` or float ``[T, 3, H, W]`` in [0, 1] -> ``[T, D]`` float32 on CPU, unit norm."""
-        video = frames_to_float(frames)
+        frames_to_float(frames[:1])  # validates shape and range before any model work
         chunks = []
-        for start in range(0, video.shape[0], self.batch_size):
-            batch = video[start : start + self.batch_size].to(self.device)
+        for start in range(0, frames.shape[0], self.batch_size):  # convert per batch: long videos stay uint8
+            batch = frames_to_float(frames[start : start + self.batch_size]).to(self.device)
             chunks.append(F.normalize(self._embed_images(self.preprocess(batch)).float(), dim=-1).cpu())
         if not chunks:
             return torch.zeros(0, self.dim)
