@@ -88,6 +88,7 @@ def test_toy_configs_run_stage0_to_stage2(toy_env):
         assert math.isfinite(float(metrics[key])), key
     assert float(metrics["train/generator_rollout_frames"]) == 21
     assert len(model.validation_videos) == 2
+    assert list(Path(stage1.trainer.log_dir, "videos").glob("*.mp4"))  # the VideoLogger wrote the validation video
     assert toy_env["CF_STUDENT_STAGE1"].is_file()
     spec = json.loads((toy_env["CF_STUDENT_STAGE1"].parent / "config.json").read_text())
     assert spec["memory"]["slow"] == 12 and spec["latent_size"] == [4, 4]

@@ -297,11 +297,19 @@ def test_validation_streams_videos_and_export_rebuilds_the_generator(teacher_fil
     ema = EMA(decay=0.5, start_step=1)
     data = VideoDataModule(mode="prompts", prompt_file=prompt_file, val_prompt_file=prompt_file, batch_size=1,
                            num_workers=0)
+    outputs = []
+
+    class Outputs(Callback):
+        def on_validation_batch_end(self, trainer, pl_module, output, batch, batch_idx, dataloader_idx=0):
+            outputs.append(output)
+
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ema],
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ema, Outputs()],
                          val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(module, data)
+    (output,) = outputs  # what callbacks.video_logger.VideoLogger reads
     (video,) = module.validation_videos
+    torch.testing.assert_close(output["videos"][0], video["video"])
     assert video["caption"] == "a red circle moves left"
     assert video["video"].shape == (3, 1 + 4 * 5, 32, 32)  # 6 latents -> 21 frames of 4x4 latents x 8
     assert video["video"].abs().max() <= 1

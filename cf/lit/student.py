@@ -718,9 +718,10 @@ class CDMDStudent(pl.LightningModule):
                                  f"{{gradient_clipping: {clip}}}}}")
 
     # ------------------------------------------------------------------------------------------------ validation
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Stream one video per prompt with the current generator (EMA weights under the EMA callback) and decode
-        it; the videos are kept in `validation_videos` ({"caption", "key", "video" [3, T, H, W] in [-1, 1], "fps"})."""
+        it. Returns ``{"videos": [B, 3, T, H, W] in [-1, 1]}`` (what `callbacks.video_logger.VideoLogger` logs) and
+        keeps every video in `validation_videos` ({"caption", "key", "video" [3, T, H, W], "fps"})."""
         hp = self.hparams
         generator, _, _ = self._networks()
         captions = list(batch["caption"])
@@ -732,10 +733,11 @@ class CDMDStudent(pl.LightningModule):
                                         seed=_seed(hp.val_seed, batch_idx) % (1 << 31),
                                         keyframes=self.keyframe_policy)), dim=2)
         with torch.no_grad():
-            videos = self.autoencoder.decode(latents.float())
+            videos = self.autoencoder.decode(latents.float()).cpu()
         self.log("val/latent_std", latents.float().std(), batch_size=len(captions), sync_dist=True)
         for caption, key, video in zip(captions, keys, videos):
-            self.validation_videos.append({"caption": caption, "key": key, "video": video.cpu(), "fps": hp.fps})
+            self.validation_videos.append({"caption": caption, "key": key, "video": video, "fps": hp.fps})
+        return {"videos": videos}
 
     def on_validation_epoch_start(self) -> None:
         self.validation_videos = []
