@@ -296,10 +296,15 @@ class ZeroSpawnLauncher(_MultiProcessingLauncher):
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
-        # Leave together: a rank that exits while its peer still holds the gloo group can abort the peer.
+        # Leave together, then skip the interpreter's teardown: a C++ thread still joinable during static destruction
+        # (seen with gloo on CPU) aborts the worker with "terminate called without an active exception" after its
+        # work is done and its results are sent.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def _kill_on_timeout(self, timed_out: threading.Event) -> None:
         timed_out.set()

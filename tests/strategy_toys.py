@@ -56,9 +56,19 @@ def generator_loss(critic: nn.Module, teacher: nn.Module, fake: Tensor, real: Te
     return (critic(fake) - teacher(fake)).mean() + ((fake - real) ** 2).mean()
 
 
+def real_shard_numel(p: nn.Parameter, rank: int) -> int:
+    """Elements of ``rank``'s ZeRO-3 shard of ``p`` that hold values; the rest is padding (uninitialised memory)."""
+    shard = p.partition_numel()
+    return max(0, min(shard, p.ds_numel - rank * shard))
+
+
 def local_shards(module: nn.Module) -> list[Tensor]:
-    """This rank's partition of each parameter (the full tensor for a plain parameter)."""
-    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in module.parameters()]
+    """This rank's partition of each parameter without padding (the full tensor for a plain parameter)."""
+    rank = torch.distributed.get_rank()
+    return [
+        p.ds_tensor[: real_shard_numel(p, rank)].detach().clone() if hasattr(p, "ds_tensor") else p.detach().clone()
+        for p in module.parameters()
+    ]
 
 
 def partition_padding_mask(params: list[nn.Parameter], rank: int) -> Tensor:
@@ -66,12 +76,7 @@ def partition_padding_mask(params: list[nn.Parameter], rank: int) -> Tensor:
 
     Each parameter's shard is padded to the same length on every rank; the padding holds uninitialised memory.
     """
-    masks = []
-    for p in params:
-        shard = p.partition_numel()
-        real = max(0, min(shard, p.ds_numel - rank * shard))
-        masks.append(torch.arange(shard) < real)
-    return torch.cat(masks)
+    return torch.cat([torch.arange(p.partition_numel()) < real_shard_numel(p, rank) for p in params])
 
 
 def zero_optimizer_snapshot(engine: Any) -> dict[str, Any]:
@@ -156,12 +161,15 @@ CRITIC_OPT = {"lr": 1e-2, "betas": (0.5, 0.95), "weight_decay": 0.01}
 class TwoEngineToy(RecordingModule):
     """Generator and critic in their own engines (manual optimization), with a frozen teacher outside both.
 
-    The critic steps on every batch, the generator on every second one (through the frozen critic).
+    The critic steps on every batch, the generator on every second one (through the frozen critic). With
+    ``zero_grad=False`` the optimizers' gradients are left to DeepSpeed, which clears them after each update (needed
+    when an engine accumulates gradients over several ``opt.step()`` calls).
     """
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str, zero_grad: bool = True) -> None:
         super().__init__(out_dir)
         self.automatic_optimization = False
+        self.zero_grad_before_backward = zero_grad
 
     def configure_model(self) -> None:
         if not hasattr(self, "generator"):
@@ -190,7 +198,8 @@ class TwoEngineToy(RecordingModule):
             fake = self.generator(z)
         generator_before, critic_before = local_shards(self.generator), local_shards(self.critic)
         loss_c = critic_loss(self.critic, self.teacher, fake, x)
-        opt_c.zero_grad()
+        if self.zero_grad_before_backward:
+            opt_c.zero_grad()
         self.manual_backward(loss_c)
         opt_c.step()
         self._check_step(self.generator, generator_before, self.critic, critic_before)
@@ -200,12 +209,17 @@ class TwoEngineToy(RecordingModule):
             generator_before, critic_before = local_shards(self.generator), local_shards(self.critic)
             self.critic.requires_grad_(False)
             loss_g = generator_loss(self.critic, self.teacher, self.generator(z), x)
-            opt_g.zero_grad()
+            if self.zero_grad_before_backward:
+                opt_g.zero_grad()
             self.manual_backward(loss_g)
             opt_g.step()
             self.critic.requires_grad_(True)
             self._check_step(self.critic, critic_before, self.generator, generator_before)
             self.record["losses"].append(("generator", loss_g.detach().clone()))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        z, x = batch
+        self.log("val_loss", generator_loss(self.critic, self.teacher, self.generator(z), x), batch_size=z.shape[0])
 
     def _check_step(self, idle: nn.Module, idle_before: list[Tensor], active: nn.Module, active_before: list[Tensor]) -> None:
         self.record["idle_unchanged"].append(all(torch.equal(a, b) for a, b in zip(local_shards(idle), idle_before)))
