@@ -224,6 +224,14 @@ def _as_dataclass(value: Any, cls: type, name: str) -> Any:
     raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
 
 
+def _state_bytes(state: Tensor) -> bytes:
+    return state.numpy().tobytes()
+
+
+def _state_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -297,9 +305,6 @@ class TeacherERFT(pl.LightningModule):
             raise ValueError(f"layout must be 'long' or 'dense', got {layout!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if init_weights is not None and not os.path.exists(init_weights):
-            raise FileNotFoundError(f"init_weights {init_weights!r} does not exist; point it to a Wan2.1 "
-                                    "diffusion_pytorch_model.safetensors (or its folder) or set it to null")
         self.long_layout_config = _as_dataclass(long_layout, LongLayoutConfig, "long_layout")
         self.erft_config = _as_dataclass(erft, ERFTConfig, "erft")
         self.sampling_config = _as_dataclass(sampling, TeacherSamplingConfig, "sampling")
@@ -317,6 +322,7 @@ class TeacherERFT(pl.LightningModule):
         self.network: WanDiT | None = None
         # encoders are frozen and stay out of the module tree: no checkpoint weights, no ZeRO partitioning
         self.__dict__["_encoders"] = {}
+        self.__dict__["_object_group"] = None
         self._generator: torch.Generator | None = None
         self.validation_videos: list[Tensor] = []
 
@@ -325,9 +331,13 @@ class TeacherERFT(pl.LightningModule):
         """Build the DiT (load ``init_weights``, wrap LoRA); idempotent. Checks the encoders fit it."""
         if self.network is not None:
             return
+        init_weights = self.hparams.init_weights
+        if init_weights is not None and not os.path.exists(init_weights):
+            raise FileNotFoundError(f"init_weights {init_weights!r} does not exist; point it to a Wan2.1 "
+                                    "diffusion_pytorch_model.safetensors (or its folder) or set it to null")
         network = WanDiT(self.network_config)
-        if self.hparams.init_weights is not None:
-            self._load_base_weights(network, self.hparams.init_weights)
+        if init_weights is not None:
+            self._load_base_weights(network, init_weights)
         if self.hparams.gradient_checkpointing:
             network.enable_gradient_checkpointing(True)
         if self.hparams.finetune == "lora":
@@ -349,6 +359,10 @@ class TeacherERFT(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._build_encoders()
+        if dist.is_available() and dist.is_initialized() and self._object_group is None \
+                and dist.get_backend() != "gloo":
+            # checkpointing gathers every rank's error banks on rank 0 through host memory, not GPU memory
+            self.__dict__["_object_group"] = dist.new_group(backend="gloo")
 
     def _build_encoders(self) -> None:
         hp = self.hparams
@@ -596,13 +610,14 @@ class TeacherERFT(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the error banks and the generator of every rank (keyed by rank) and the export metadata."""
+        """Store the error banks and the generator of every rank (keyed by rank, gathered on rank 0, which writes
+        the checkpoint) and the export metadata."""
         state = {"banks": self.banks.state_dict(), "generator": self.generator().get_state()}
         rank, world = _world()
         if world > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, state)
-            per_rank = dict(enumerate(gathered))
+            gathered: list[Any] | None = [None] * world if rank == 0 else None
+            dist.gather_object(state, gathered, dst=0, group=self._object_group)
+            per_rank = dict(enumerate(gathered)) if gathered is not None else {rank: state}
         else:
             per_rank = {0: state}
         checkpoint[ERFT_STATE_KEY] = {"world_size": world, "ranks": per_rank}
@@ -629,6 +644,28 @@ class TeacherERFT(pl.LightningModule):
         state = ranks[rank % len(ranks)]
         self.banks.load_state_dict(state["banks"])
         self.generator().set_state(state["generator"])
+
+    # Spawned worker processes get pickled copies. torch.Generator objects do not survive that trip, and tensors
+    # made while pickling would be freed before the workers map them: send generator states as bytes.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["banks"] = {name: dict(bank, generator_state=_state_bytes(bank["generator_state"]))
+                          for name, bank in self.banks.state_dict().items()}
+        state["_generator"] = None if self._generator is None else _state_bytes(self._generator.get_state())
+        state["_object_group"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        banks_state, generator_state = state.pop("banks"), state.pop("_generator")
+        super().__setstate__(state)
+        self.banks = self.erft_config.banks(self.hparams.shift, self.hparams.seed)
+        self.banks.load_state_dict({name: dict(bank, generator_state=_state_tensor(bank["generator_state"]))
+                                    for name, bank in banks_state.items()})
+        self._generator = None
+        if generator_state is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(_state_tensor(generator_state))
 
     # ------------------------------------------------------------------------------------------------ export
     def merged_state_dict(self) -> dict[str, Tensor]:
