@@ -255,7 +255,8 @@ class EMA(Callback):
     # ------------------------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._module = self.tracked_module(pl_module)
+        # the tracked submodule may only be built later, in `configure_model`; it is looked up again when used
+        self._module = getattr(pl_module, self.attribute, None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module = self.tracked_module(pl_module)

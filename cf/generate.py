@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cf.encoders import build_autoencoder, build_text_encoder
-from cf.memory import MemoryConfig, keyframe_policy
+from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
 from cf.models.wan import CausalWanDiT, WanConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
@@ -34,12 +34,14 @@ class GeneratorSpec:
     wan_config: dict = field(default_factory=lambda: asdict(WanConfig.tiny()))
     frames_per_chunk: int = 3
     autoencoder: str = "toy"
+    autoencoder_kwargs: dict = field(default_factory=dict)
     text_encoder: str = "hashed"
     text_encoder_kwargs: dict = field(default_factory=dict)
     latent_size: tuple[int, int] = (8, 8)
     fps: int = 16
     memory: dict = field(default_factory=dict)  # MemoryConfig fields; empty: the slow_fast preset
     sampling: dict = field(default_factory=dict)  # SamplingConfig fields
+    keyframes: dict = field(default_factory=dict)  # {"policy", "threshold", "interval_frames"}; empty: similarity
 
     @classmethod
     def load(cls, path: str | Path) -> "GeneratorSpec":
@@ -61,6 +63,12 @@ class GeneratorSpec:
 
     def model_config(self) -> WanConfig:
         return WanConfig(**self.wan_config)
+
+    def keyframe_policy(self, name: str | None = None, per_sample: bool = True) -> KeyframePolicy:
+        """The keyframe policy this generator was trained with (or `name` instead)."""
+        kf = self.keyframes
+        return keyframe_policy(name or kf.get("policy", "similarity"), threshold=kf.get("threshold", 0.95),
+                               interval_frames=kf.get("interval_frames") or 6, per_sample=per_sample)
 
     def memory_config(self, preset: str | None = None) -> MemoryConfig:
         if preset:
@@ -97,7 +105,7 @@ def generate_videos(
     seconds: float = 10.0,
     seed: int = 0,
     memory: str | None = None,
-    keyframes: str = "similarity",
+    keyframes: str | None = None,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -109,10 +117,10 @@ def generate_videos(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    autoencoder = build_autoencoder(spec.autoencoder).to(device)
+    autoencoder = build_autoencoder(spec.autoencoder, **spec.autoencoder_kwargs).to(device)
     text_encoder = build_text_encoder(spec.text_encoder, **spec.text_encoder_kwargs).to(device)
     memory_config = spec.memory_config(memory)
-    policy = keyframe_policy(keyframes, per_sample=memory_config.per_sample_decisions)
+    policy = spec.keyframe_policy(keyframes, per_sample=memory_config.per_sample_decisions)
     sampling = SamplingConfig(**spec.sampling)
     num_frames = latent_frames_for(seconds, spec.fps, spec.frames_per_chunk)
     names = names or [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
@@ -184,7 +192,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", choices=["slow_fast", "sliding", "self_forcing", "full", "released_code"],
                    help="memory preset (default: the generator's own memory config)")
-    p.add_argument("--keyframes", default="similarity", choices=["similarity", "uniform", "always", "never"])
+    p.add_argument("--keyframes", choices=["similarity", "uniform", "always", "never"],
+                   help="keyframe policy (default: the generator's own)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -67,7 +67,7 @@ def run_encode(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``data`` command with sub-commands ``shards``, ``synth`` and ``encode``."""
+    """Add the ``data`` command with sub-commands ``shards``, ``synth``, ``encode`` and ``ode-pairs``."""
     parser = subparsers.add_parser("data", help="write video shards, the synthetic dataset, latent shards",
                                    description=__doc__)
     commands = parser.add_subparsers(dest="data_command", metavar="data_command", required=True)
@@ -116,4 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     encode.add_argument("--device", default="cpu")
     encode.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the videos")
     encode.set_defaults(func=run_encode)
+    from data.ode_pairs import register_ode_pairs
+
+    register_ode_pairs(commands)
     return parser

@@ -173,8 +173,10 @@ def test_ema_tied_weights_and_swap_context():
 
 def test_ema_reports_user_errors():
     holder, trainer = Holder(), SimpleNamespace(global_step=0)
-    with pytest.raises(AttributeError, match="child modules are"):
-        EMA(attribute="student").setup(trainer, holder, "fit")
+    with pytest.raises(AttributeError, match="child modules are"):  # checked once configure_model has run
+        misspelled = EMA(attribute="student")
+        misspelled.setup(trainer, holder, "fit")
+        misspelled.on_train_start(trainer, holder)
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.5)
     ema = EMA(start_step=5)

@@ -110,26 +110,42 @@ def test_local_window_block_causal_mask_limits_context():
 
 
 def test_cache_writes_carry_no_gradient_and_grads_match_with_checkpointing():
+    """§I.17: the cache is mutated by later chunks before backward runs; checkpointed recomputation must still
+    see the K/V each chunk attended to."""
+    from cf.memory import MemoryConfig, SlowFastMemory
+
     torch.manual_seed(5)
     model = CausalWanDiT(CFG, frames_per_chunk=3)
-    x = torch.randn(1, 4, 6, 4, 4)
+    x = torch.randn(1, 4, 15, 4, 4)
     ctx = torch.randn(1, 5, CFG.text_dim)
 
-    def run(checkpointing: bool):
+    def run(checkpointing: bool, cache):
         model.zero_grad()
         model.enable_gradient_checkpointing(checkpointing)
-        cache = GrowingKVCache(CFG.num_layers)
-        with torch.no_grad():
-            model.forward_chunk(x[:, :, :3], torch.zeros(1), ctx, cache, 0, commit=True)
-        out = model.forward_chunk(x[:, :, 3:], torch.full((1,), 700.0), ctx, cache, 3)
-        out.square().mean().backward()
-        assert all(not k.requires_grad for k in cache.keys)
+        outs = []
+        for start in range(0, 15, 3):
+            outs.append(model.forward_chunk(x[:, :, start:start + 3], torch.full((1,), 700.0), ctx, cache, start))
+            with torch.no_grad():
+                model.forward_chunk(x[:, :, start:start + 3], torch.zeros(1), ctx, cache, start, commit=True)
+        torch.cat(outs, dim=2).square().mean().backward()
+        keys = cache.keys if isinstance(cache, GrowingKVCache) else [s.keys for s in cache.layers]
+        assert all(not k.requires_grad for k in keys)
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain, ckpt = run(False), run(True)
-    assert plain.keys() == ckpt.keys() and len(plain) > 0
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    for make_cache in (lambda: GrowingKVCache(CFG.num_layers),
+                       lambda: SlowFastMemory(MemoryConfig(sink=1, slow=1, fast=3, rope_length=5,
+                                                           consolidation_stride_chunks=1), CFG.num_layers)):
+        plain, ckpt = run(False, make_cache()), run(True, make_cache())
+        assert plain.keys() == ckpt.keys() and len(plain) > 0
+        for name in plain:
+            torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bfloat16_forward_runs_with_fp32_norms():
+    model = WanDiT(CFG).to(torch.bfloat16)
+    out = model(torch.randn(1, 4, 2, 4, 4, dtype=torch.bfloat16), torch.full((1,), 500.0),
+                torch.randn(1, 5, CFG.text_dim, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 # ------------------------------------------------------------------------------------------------ weight layouts

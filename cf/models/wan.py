@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -85,10 +86,12 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back."""
+    """LayerNorm computed in fp32 (affine parameters included) and cast back."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -194,8 +197,14 @@ class WanBlock(nn.Module):
         context: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
+        key_value_only: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x [B, L, D] -> x; with `key_value_only` the self-attention's own un-rotated (keys, values) instead.
+
+        Everything goes through this forward so that sharded parameters (ZeRO-3) are gathered by its hooks."""
         mods = self.modulation_terms(e0)
+        if key_value_only:
+            return self.self_attn.key_value(self.self_attn_input(x, mods))
         y = self.self_attn(self.self_attn_input(x, mods), rope, context, mask, kv)
         x = (x.float() + gate(y.float(), mods[2])).type_as(x)
         x = x + self.cross_attn(self.norm3(x), text_kv)
@@ -395,11 +404,14 @@ class CausalWanDiT(WanDiT):
             # The cache write happens here, outside any checkpointed region (§I.17); with checkpointing the
             # block recomputes its own keys/values with grad inside.
             with torch.no_grad() if checkpointing else nullcontext():
-                own_kv = block.self_attn.key_value(block.self_attn_input(tokens, block.modulation_terms(e0)))
+                own_kv = block(tokens, e0, tkv, None, key_value_only=True)
             window = cache.update(i, own_kv[0].detach(), own_kv[1].detach())
             with torch.no_grad():
                 ctx_rope = self.rope.tables(window.key_positions, grid[1:])
-                ctx = (apply_rotary(window.keys, *ctx_rope), window.values)
+                # a checkpointed block recomputes its forward from these tensors during backward, after later
+                # chunks have overwritten the cache: give it a copy, not a view (rotation already copies the keys)
+                values = window.values.clone() if checkpointing else window.values
+                ctx = (apply_rotary(window.keys, *ctx_rope), values)
             rope = self.rope.tables(window.query_positions, grid[1:])
             if checkpointing:
                 tokens = checkpoint(block, tokens, e0, tkv, rope, ctx, None, None, use_reentrant=False)
