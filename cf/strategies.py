@@ -22,7 +22,6 @@ import argparse
 import copy
 import importlib
 import json
-import logging
 import os
 import re
 import signal
@@ -41,7 +40,7 @@ from lightning.fabric.plugins.environments.lightning import find_free_network_po
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
@@ -51,8 +50,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "DeepSpeedStrategy",
@@ -164,7 +161,7 @@ def load_zero_checkpoint_state_dict(ckpt_dir: Union[str, Path], engine: Optional
     names = checkpoint_engine_names(root)
     if names:
         if engine is None:
-            raise ValueError(f"Checkpoint {root} holds one ZeRO shard set per engine {names}: pass engine=<one of them>.")
+            raise ValueError(f"Checkpoint {root} holds one ZeRO shard set per engine {names}: pass engine=<name>.")
         if engine not in names:
             raise ValueError(f"Checkpoint {root} has no engine {engine!r}; it holds {names}.")
         ds_dir = root / engine
@@ -360,8 +357,9 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             every rank, parameters in the compute dtype). ``"partition"`` is not implemented.
         engine_configs: per-engine DeepSpeed config overrides merged into the main config, e.g.
             ``{"critic": {"gradient_clipping": 2.0}}``.
-        start_method: ``"popen"`` re-runs the script per rank (CLI, torchrun), ``"spawn"`` starts worker processes
-            from this one (pytest, notebooks); ``"auto"`` picks spawn under pytest and popen otherwise.
+        start_method: ``"popen"`` re-runs the script per rank (CLI, torchrun), ``"spawn"`` starts fresh worker
+            processes from this one (pytest), ``"fork"`` forks them (notebooks); ``"auto"`` picks spawn under pytest
+            and popen otherwise.
         process_timeout: with spawn, seconds after which hung worker processes are killed (None: no limit).
         build_shm_comm_op: let DeepSpeed JIT-build its shared-memory comm op on CPU (unused by ZeRO training).
         exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints (they must then
@@ -376,7 +374,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         *,
         frozen_modules: Literal["replicate", "partition"] = "replicate",
         engine_configs: Optional[dict[str, dict[str, Any]]] = None,
-        start_method: Literal["auto", "popen", "spawn"] = "auto",
+        start_method: Literal["auto", "popen", "spawn", "fork"] = "auto",
         process_timeout: Optional[float] = None,
         build_shm_comm_op: bool = False,
         exclude_frozen_parameters: bool = False,
@@ -384,8 +382,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     ) -> None:
         if frozen_modules not in ("replicate", "partition"):
             raise ValueError(f"frozen_modules must be 'replicate' or 'partition', got {frozen_modules!r}.")
-        if start_method not in ("auto", "popen", "spawn"):
-            raise ValueError(f"start_method must be 'auto', 'popen' or 'spawn', got {start_method!r}.")
+        if start_method not in ("auto", "popen", "spawn", "fork"):
+            raise ValueError(f"start_method must be 'auto', 'popen', 'spawn' or 'fork', got {start_method!r}.")
         if engine_configs is not None and not all(isinstance(v, Mapping) for v in engine_configs.values()):
             raise ValueError("engine_configs must map engine names to DeepSpeed config dicts, e.g. {'critic': {...}}.")
         if isinstance(kwargs.get("timeout"), (int, float)):
@@ -395,7 +393,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self.engine_configs = dict(engine_configs or {})
         self.process_timeout = process_timeout
         self.build_shm_comm_op = build_shm_comm_op
-        self._requested_start_method = start_method
         self._start_method = self._resolve_start_method(start_method)
         self._submodules: dict[str, nn.Module] = {}  # set in multi-engine mode (training and inference)
         self._engines: dict[str, Any] = {}  # set in multi-engine training
@@ -503,7 +500,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         names_of = {id(m): name for name, m in module.named_modules()}
         inner: dict[int, str] = {}
         for name, sub in submodules.items():
-            if not isinstance(name, str) or not _ENGINE_NAME.match(name) or name in (DEEPSPEED_TAG, LIGHTNING_STATE_FILE):
+            reserved = (DEEPSPEED_TAG, LIGHTNING_STATE_FILE, ENGINES_FILE)
+            if not isinstance(name, str) or not _ENGINE_NAME.match(name) or name in reserved:
                 raise MisconfigurationException(
                     f"Engine name {name!r} from deepspeed_submodules() is not usable as a directory name; use letters,"
                     f" digits, '_', '-' or '.' (and not {DEEPSPEED_TAG!r})."
@@ -603,9 +601,9 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
             if foreign:
                 raise MisconfigurationException(
-                    f"Optimizer {len(engines)} of configure_optimizers() holds {len(foreign)} parameter tensors that are"
-                    f" not in deepspeed_submodules()[{name!r}]; return the optimizers in the order {list(submodules)},"
-                    " each over its own submodule's parameters."
+                    f"Optimizer {len(engines)} of configure_optimizers() holds {len(foreign)} parameter tensors that"
+                    f" are not in deepspeed_submodules()[{name!r}]; return the optimizers in the order"
+                    f" {list(submodules)}, each over its own submodule's parameters."
                 )
             engine, deepspeed_optimizer = self._setup_model_and_optimizer(
                 submodule, optimizer, scheduler_of.get(id(optimizer)), config=self._engine_config(name)
@@ -670,20 +668,29 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             found = {name for name, e in self._engines.items() if any(p.requires_grad for p in e.module.parameters())}
         if len(found) != 1:
             raise RuntimeError(
-                f"Cannot tell which DeepSpeed engine this loss belongs to (candidates: {sorted(found) or 'none'}). Freeze"
-                " the other networks for this step (`net.requires_grad_(False)`), detach their outputs, or name the"
-                " engine: `self.manual_backward(loss, engine='<name>')`."
+                "Cannot tell which DeepSpeed engine this loss belongs to (candidates:"
+                f" {sorted(found) or 'none'}). Freeze the other networks for this step (`net.requires_grad_(False)`),"
+                " detach their outputs, or name the engine: `self.manual_backward(loss, engine='<name>')`."
             )
         return self._engines[found.pop()]
 
     def _engine_of_optimizer(self, optimizer: Optimizer) -> Any:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
         for engine in self._engines.values():
             if engine.optimizer is optimizer:
                 return engine
-        raise RuntimeError("This optimizer belongs to none of the DeepSpeed engines; step the optimizers from self.optimizers().")
+        raise RuntimeError(
+            "This optimizer belongs to none of the DeepSpeed engines; step the optimizers from self.optimizers()."
+        )
 
     def backward(
-        self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, engine: Optional[str] = None, **kwargs: Any
+        self,
+        closure_loss: Tensor,
+        optimizer: Optional[Optimizer],
+        *args: Any,
+        engine: Optional[str] = None,
+        **kwargs: Any,
     ) -> Tensor:
         """Backpropagate ``closure_loss`` through one engine (``engine=`` name, the optimizer's, or inferred)."""
         if not self._engines:
@@ -738,8 +745,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                 f"Checkpoint {checkpoint_path} was written by a run of world size {saved} (ZeRO shards of {saved}"
                 f" processes), but this run has world size {self.world_size}. A sharded ZeRO checkpoint resumes only"
                 f" with the world size that wrote it: resume with {saved} processes (devices x num_nodes), or"
-                f" consolidate its weights with `cf convert zero {checkpoint_path} <out>` and start a new run from those"
-                " weights (optimizer and scheduler state are not carried over)."
+                f" consolidate its weights with `cf convert zero {checkpoint_path} <out>` and start a new run from"
+                " those weights (optimizer and scheduler state are not carried over)."
             )
 
     def _outside_state(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -752,12 +759,14 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             state = {k: v for k, v in state.items() if k not in frozen}
         return state
 
-    def save_checkpoint(self, checkpoint: dict, filepath: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
+    ) -> None:
         if not self._engines:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options (CheckpointIO is unused).")
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (CheckpointIO is unused).")
         filepath = Path(self.broadcast(str(filepath)))
         for name, engine in self._engines.items():
             engine.save_checkpoint(

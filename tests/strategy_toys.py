@@ -7,6 +7,7 @@ and a few invariants, and writes them to ``<out_dir>/rank<r>.pt`` at the end of 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ def zero_optimizer_snapshot(engine: Any) -> dict[str, Any]:
     inner_state = zero_optimizer.optimizer.state
 
     def real(value: Any, mask: Tensor) -> Any:
-        return value.detach()[mask].clone() if isinstance(value, Tensor) and value.shape == mask.shape else copy.deepcopy(value)
+        if isinstance(value, Tensor) and value.shape == mask.shape:
+            return value.detach()[mask].clone()
+        return copy.deepcopy(value)
 
     return {
         "fp32": [real(t, m) for t, m in zip(flat, masks)],
@@ -154,6 +157,30 @@ class SingleEngineToy(RecordingModule):
         return {"model": zero_optimizer_snapshot(self.trainer.strategy.deepspeed_engine)}
 
 
+class DeclaredEngineToy(SingleEngineToy):
+    """Automatic optimization with the network declared as the one engine (the module itself stays outside)."""
+
+    def deepspeed_submodules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def snapshot_engines(self) -> dict[str, Any]:
+        return {"net": zero_optimizer_snapshot(self.trainer.strategy.engines["net"])}
+
+
+class DyingToy(SingleEngineToy):
+    """Rank 1 raises on its second batch while rank 0 goes on into the next collective."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.global_rank == 1 and batch_idx == 1:
+            raise RuntimeError("rank 1 died on purpose")
+        return super().training_step(batch, batch_idx)
+
+
+def sleep_forever() -> None:
+    """A worker that never finishes."""
+    time.sleep(3600)
+
+
 GEN_OPT = {"lr": 2e-2, "betas": (0.9, 0.999), "weight_decay": 0.01}
 CRITIC_OPT = {"lr": 1e-2, "betas": (0.5, 0.95), "weight_decay": 0.01}
 
@@ -190,7 +217,9 @@ class TwoEngineToy(RecordingModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         if "partitioned" not in self.record:
             self.record["partitioned"] = is_partitioned(self.generator) and is_partitioned(self.critic)
-            self.record["teacher"] = [(p.shape, p.dtype, p.requires_grad, hasattr(p, "ds_id")) for p in self.teacher.parameters()]
+            self.record["teacher"] = [
+                (p.shape, p.dtype, p.requires_grad, hasattr(p, "ds_id")) for p in self.teacher.parameters()
+            ]
         opt_g, opt_c = self.optimizers()
         z, x = batch
 
@@ -221,9 +250,12 @@ class TwoEngineToy(RecordingModule):
         z, x = batch
         self.log("val_loss", generator_loss(self.critic, self.teacher, self.generator(z), x), batch_size=z.shape[0])
 
-    def _check_step(self, idle: nn.Module, idle_before: list[Tensor], active: nn.Module, active_before: list[Tensor]) -> None:
+    def _check_step(
+        self, idle: nn.Module, idle_before: list[Tensor], active: nn.Module, active_before: list[Tensor]
+    ) -> None:
         self.record["idle_unchanged"].append(all(torch.equal(a, b) for a, b in zip(local_shards(idle), idle_before)))
-        self.record["active_changed"].append(any(not torch.equal(a, b) for a, b in zip(local_shards(active), active_before)))
+        moved = any(not torch.equal(a, b) for a, b in zip(local_shards(active), active_before))
+        self.record["active_changed"].append(moved)
 
     def snapshot_engines(self) -> dict[str, Any]:
         return {name: zero_optimizer_snapshot(e) for name, e in self.trainer.strategy.engines.items()}

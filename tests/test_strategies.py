@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
@@ -100,7 +101,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 
 def rank_batches(num_items: int, epoch: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per step of ``epoch``, the batch of each rank as Lightning deals them (a shuffling DistributedSampler, seed 0)."""
+    """Per step of ``epoch``, each rank's batch as Lightning deals them (a shuffling DistributedSampler, seed 0)."""
     z, x = toys.toy_dataset(num_items).tensors
     orders = []
     for rank in range(WORLD):
@@ -283,6 +284,22 @@ def test_two_engines_match_plain_pytorch(two_engine_runs: dict[str, Any]) -> Non
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_declared_engine_with_automatic_optimization_matches_plain_pytorch(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, 2, engine_configs={"net": {"gradient_clipping": SINGLE_CLIP}})
+    num_items = WORLD * toys.BATCH_PER_RANK * SINGLE_STEPS_PER_EPOCH
+    trainer.fit(toys.DeclaredEngineToy(str(tmp_path)), toys.toy_loader(num_items))
+    records = load_records(tmp_path)
+    assert records[0]["partitioned"]
+    losses, net, _ = replay_single(records[0]["initial"], epochs=2)
+    for rank in range(WORLD):
+        got = torch.stack(records[rank]["losses"])
+        torch.testing.assert_close(got, torch.stack(losses[rank]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(submodule_state(records[0]["final"], "net."), net.state_dict(), rtol=1e-5, atol=1e-6)
+    assert int(records[0]["optimizer"]["net"]["inner"][0]["step"]) == 2 * SINGLE_STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_load_zero_checkpoint_state_dict_single_engine(single_runs: dict[str, Any]) -> None:
     ckpt = single_runs["ckpt"]
     state = load_zero_checkpoint_state_dict(ckpt)
@@ -301,7 +318,8 @@ def test_load_zero_checkpoint_state_dict_two_engines(two_engine_runs: dict[str, 
     assert checkpoint_engine_names(ckpt) == ["generator", "critic"]
     assert checkpoint_world_size(ckpt) == WORLD
     saved = two_engine_runs["A"][0]["epoch_end"][0]
-    for name, net in {"generator": toys.TinyMLP(toys.IN_DIM, toys.OUT_DIM), "critic": toys.TinyMLP(toys.OUT_DIM, 1)}.items():
+    nets = {"generator": toys.TinyMLP(toys.IN_DIM, toys.OUT_DIM), "critic": toys.TinyMLP(toys.OUT_DIM, 1)}
+    for name, net in nets.items():
         state = load_zero_checkpoint_state_dict(ckpt, name)
         net.load_state_dict(state, strict=True)
         assert_same(state, submodule_state(saved, name + "."))
@@ -383,6 +401,27 @@ def test_engine_gradient_accumulation_matches_plain_pytorch(tmp_path: Path) -> N
     assert int(records[0]["optimizer"]["critic"]["inner"][0]["step"]) == TWO_STEPS_PER_EPOCH // 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_dying_rank_fails_the_fit_instead_of_hanging(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="rank 1 died on purpose"):
+        make_trainer(tmp_path, 1).fit(toys.DyingToy(str(tmp_path)), toys.toy_loader(12))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_hung_workers_are_killed_after_the_process_timeout() -> None:
+    port_before = os.environ.get("MASTER_PORT")
+    strategy = DeepSpeedStrategy(
+        parallel_devices=[torch.device("cpu")] * WORLD, cluster_environment=LightningEnvironment(), start_method="spawn"
+    )
+    launcher = ZeroSpawnLauncher(strategy, timeout=5)
+    with pytest.raises(TimeoutError, match="did not finish within 5"):
+        launcher.launch(toys.sleep_forever)
+    assert all(not p.is_alive() for p in launcher.procs)
+    assert os.environ.get("MASTER_PORT") == port_before, "the launcher must leave MASTER_PORT as it found it"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # fast tests (no processes)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,7 +473,9 @@ class _Declaring(LightningModule):
         ({"a": "a"}, {"critic": {}}, "engine_configs names"),
     ],
 )
-def test_bad_deepspeed_submodules_are_refused_clearly(declared: dict, engine_configs: Optional[dict], match: str) -> None:
+def test_bad_deepspeed_submodules_are_refused_clearly(
+    declared: dict, engine_configs: Optional[dict], match: str
+) -> None:
     strategy = DeepSpeedStrategy(stage=3, engine_configs=engine_configs)
     with pytest.raises(MisconfigurationException, match=match):
         strategy._declared_submodules(_Declaring(declared))
@@ -444,7 +485,7 @@ def test_bad_options_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frozen_modules"):
         DeepSpeedStrategy(frozen_modules="shard")
     with pytest.raises(ValueError, match="start_method"):
-        DeepSpeedStrategy(start_method="fork")
+        DeepSpeedStrategy(start_method="thread")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_zero_checkpoint_state_dict(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="no 'latest' file"):
