@@ -404,9 +404,25 @@ def _is_two_colour_mixture(colour: Tensor, a: Tensor, b: Tensor, background: Ten
     return bool((coeffs >= -0.05).all() and coeffs.sum() <= 1.05 and residual <= max_residual)
 
 
+def _candidate_scores(pixels: Tensor, pixel_bg: Tensor, candidates: Tensor, remaining: Tensor,
+                      matching: ColourMatching, batch: int = 16) -> Tensor:
+    """Σ α·|c − B| over the remaining pixels each candidate colour explains, for all candidates ``[C]``."""
+    scores = []
+    offset = pixels - pixel_bg  # [N, 3]
+    for chunk in candidates.split(batch):
+        toward = chunk[:, None, :] - pixel_bg[None]  # [c, N, 3]
+        length2 = (toward * toward).sum(-1)
+        alpha = (offset[None] * toward).sum(-1) / length2.clamp(min=1e-6)
+        residual = (offset[None] - alpha[..., None] * toward).norm(dim=-1)
+        accepted = remaining[None] & (length2 >= 1e-6) & (alpha >= matching.min_alpha) & \
+            (residual <= matching.max_residual)
+        scores.append(torch.where(accepted, alpha * length2.sqrt(), torch.zeros_like(alpha)).sum(-1))
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
 def identity_colours(frames: Tensor | np.ndarray, background: Tensor, min_contrast: float = 40.0,
                      max_identities: int = 8, min_area_fraction: float = 0.005,
-                     matching: ColourMatching = ColourMatching()) -> Tensor:
+                     matching: ColourMatching = ColourMatching(), max_candidates: int = 64) -> Tensor:
     """Identity colours ``[K, 3]`` in reference frames, the strongest first.
 
     Candidate colours are the off-background pixels (at least ``min_contrast`` from their background), merged in
@@ -429,17 +445,14 @@ def identity_colours(frames: Tensor | np.ndarray, background: Tensor, min_contra
     keys, inverse = torch.unique(bins[:, 0] * 256 + bins[:, 1] * 16 + bins[:, 2], return_inverse=True)
     counts = torch.bincount(inverse, minlength=keys.shape[0]).float()
     candidates = torch.zeros(keys.shape[0], 3).index_add_(0, inverse, pixels) / counts[:, None]
+    candidates = candidates[counts.argsort(descending=True)[:max_candidates]]
     near_background = torch.stack([((background_pixels - c).norm(dim=-1) <= matching.max_residual).float().mean()
                                    for c in candidates]) if candidates.shape[0] else torch.zeros(0)
     candidates = candidates[near_background < 0.02]
     remaining = torch.ones(pixels.shape[0], dtype=torch.bool)
     found: list[Tensor] = []
     while remaining.any() and candidates.shape[0] and len(found) < max_identities:
-        scores = torch.zeros(candidates.shape[0])
-        for i, colour in enumerate(candidates):
-            alpha, residual = unmix(pixels, colour, pixel_bg)
-            accepted = remaining & (alpha >= matching.min_alpha) & (residual <= matching.max_residual)
-            scores[i] = (alpha * (colour - pixel_bg).norm(dim=-1))[accepted].sum()
+        scores = _candidate_scores(pixels, pixel_bg, candidates, remaining, matching)
         best = candidates[int(scores.argmax())]
         alpha, residual = unmix(pixels, best, pixel_bg)
         members = remaining & (alpha >= matching.min_alpha) & (residual <= matching.max_residual)
