@@ -346,11 +346,13 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     Then, in manual optimization, ``self.manual_backward(loss)`` backpropagates through the engine whose trainable
     parameters the loss depends on (or ``self.manual_backward(loss, engine="critic")``), and ``opt.step()`` steps
-    the engine that owns ``opt``; with DeepSpeed's gradient accumulation (``gradient_accumulation_steps`` in an
-    engine config) call ``opt.step()`` after every backward and the engine updates at its boundaries. Gradient
+    the engine that owns ``opt``. With DeepSpeed's gradient accumulation (``gradient_accumulation_steps`` in an
+    engine config) call ``opt.step()`` after every backward: the engine updates at its boundaries and clears the
+    gradients itself, and ``opt.zero_grad()`` between micro-steps would discard what it accumulated. Gradient
     clipping is per engine (``gradient_clipping`` in ``engine_configs``). LR schedulers are Lightning's (step them in
     manual optimization as usual). Modules outside the submodules are frozen and replicated on every rank, their
-    parameters cast to the compute dtype (``frozen_modules="replicate"``).
+    parameters cast to the compute dtype (``frozen_modules="replicate"``). Standalone validate/test/predict replicate
+    the whole module and load a checkpoint by gathering each engine's shards, so any world size can read it.
 
     Args:
         frozen_modules: how modules outside ``deepspeed_submodules()`` are held: ``"replicate"`` (plain module on
@@ -620,9 +622,12 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
         assert isinstance(model, LightningModule)
         submodules = self._declared_submodules(model)
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
         if submodules is not None:
             # Inference replicates the whole module; checkpoints are loaded by gathering each engine's shards.
             self._prepare_modules_outside_engines(model, {})
+            remove_module_hooks(model)  # ZeRO-3 hooks of engines from an earlier fit in this process
             self.model = model
             return
         import deepspeed
@@ -635,8 +640,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if self.zero_stage_3:
             config["zero_allow_untested_optimizer"] = self.config.get("zero_allow_untested_optimizer", True)
             config["zero_optimization"] = self.config["zero_optimization"]
-        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
-
         remove_module_hooks(model)
         engine, _, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()),

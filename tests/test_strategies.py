@@ -481,6 +481,23 @@ def test_bad_deepspeed_submodules_are_refused_clearly(
         strategy._declared_submodules(_Declaring(declared))
 
 
+def test_modules_outside_the_engines_are_frozen_and_cast_to_the_compute_dtype() -> None:
+    strategy = DeepSpeedStrategy(
+        config={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+        parallel_devices=[torch.device("cpu")],
+    )
+    module = _Declaring({"a": "a"})
+    teacher_before = [p.detach().clone() for p in module.b.parameters()]
+    strategy._prepare_modules_outside_engines(module, strategy._declared_submodules(module))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in module.a.parameters())
+    for p, before in zip(module.b.parameters(), teacher_before):
+        assert p.dtype == torch.bfloat16 and not p.requires_grad
+        torch.testing.assert_close(p, before.to(torch.bfloat16), rtol=0, atol=0)
+    partitioning = DeepSpeedStrategy(stage=3, frozen_modules="partition", parallel_devices=[torch.device("cpu")])
+    with pytest.raises(NotImplementedError, match="frozen_modules='replicate'"):
+        partitioning._prepare_modules_outside_engines(module, {"a": module.a})
+
+
 def test_bad_options_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frozen_modules"):
         DeepSpeedStrategy(frozen_modules="shard")
@@ -525,5 +542,5 @@ def test_strategy_yamls_instantiate(path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(REPO)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=Strategy)
-    strategy = parser.instantiate_classes(parser.parse_object({"strategy": yaml.safe_load(path.read_text())})).strategy
+    strategy = parser.instantiate(parser.parse_object({"strategy": yaml.safe_load(path.read_text())})).strategy
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
