@@ -30,6 +30,8 @@ def run_lightning_cli(args: list[str]) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
+    import cf.strategies  # noqa: F401  registers the short strategy names (cf_deepspeed_stage_3, ...)
+
     LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
