@@ -173,7 +173,7 @@ def _find_export_meta(obj: Any) -> dict[str, Any] | None:
 
 def _zero_export_meta(ckpt_dir: Path) -> dict[str, Any] | None:
     """Export metadata stored with Lightning's state in a DeepSpeed checkpoint directory, if any."""
-    candidates = [ckpt_dir / "lightning_state.pt", *sorted(ckpt_dir.glob("**/mp_rank_00_model_states.pt"))]
+    candidates = [ckpt_dir / "lightning_state.pt", *sorted(ckpt_dir.glob("**/*mp_rank_00_model_states.pt"))]
     for candidate in candidates:
         if candidate.is_file():
             try:

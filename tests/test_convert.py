@@ -234,3 +234,77 @@ def test_convert_zero_writes_one_merged_file_per_dit(tmp_path: Path, monkeypatch
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit, match="not a directory"):
         cf_main(["convert", "zero", str(tmp_path / "nothing"), str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ZeRO-3 for real (2 CPU processes): LoRA teacher built sharded, checkpointed as a directory, exported
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class InitialWeightsDump(pl.Callback):
+    """Rank 0 writes the gathered DiT state at the start of training to ``<path>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: TeacherERFT) -> None:
+        params = list(pl_module.network.parameters())
+        with cf.strategies.gathered_parameters(params):
+            state = {k: v.detach().clone() for k, v in pl_module.network.state_dict().items()}
+        if trainer.global_rank == 0:
+            torch.save(state, self.path)
+
+
+class SpawnLatents(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(latent_batches(8), batch_size=None)
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> bool:
+    singular = torch.linalg.svdvals(delta.double())
+    return bool(singular[rank:].max() <= 1e-6 * singular[0])
+
+
+@pytest.mark.slow
+def test_zero3_lora_teacher_checkpoint_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = WanDiT(TINY)
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_file))
+    module = TeacherERFT(network=TINY, init_weights=str(base_file), finetune="lora", lora_rank=4, lora_alpha=8.0,
+                         autoencoder=None, text_encoder=None, layout="dense", lr=1e-2,
+                         erft={"num_buckets": 5, "capacity": 8, "warmup_steps": 1})
+    strategy = cf.strategies.DeepSpeedStrategy(stage=3, logging_batch_size_per_gpu=1, start_method="spawn",
+                                               process_timeout=400, timeout=120)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy=strategy, max_steps=3,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                         callbacks=[InitialWeightsDump(str(tmp_path / "initial.pt")),
+                                    pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
+    trainer.fit(module, datamodule=SpawnLatents())
+
+    # built sharded: the base weights were loaded and the LoRA factors start at B = 0 on every layer
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    assert all(float(v.abs().max()) == 0 for k, v in initial.items() if ".lora_B." in k)
+    torch.testing.assert_close(merge_lora_state_dict(initial, alpha=8.0), base.state_dict(), rtol=0, atol=0)
+
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert ckpt.is_dir() and cf.strategies.checkpoint_world_size(ckpt) == 2
+    out = tmp_path / "teacher.safetensors"
+    cf_main(["convert", "teacher", str(ckpt), str(out)])
+    exported = load_file(out)
+    WanDiT(WanConfig(**json.loads((tmp_path / "config.json").read_text()))).load_state_dict(exported, strict=True)
+    moved = 0
+    for key, value in base.state_dict().items():
+        delta = exported[key] - value
+        if any(f".{name}.weight" in key for name in ("q", "k", "v", "o", "ffn.0", "ffn.2")) and "norm" not in key:
+            moved += int(float(delta.abs().max()) > 0)
+            assert low_rank(delta, 4), f"{key}: the trained change is not rank <= 4"
+        else:
+            assert torch.equal(exported[key], value), f"{key} is frozen and must equal the base"
+    assert moved == 2 * 10
+
+    cf_main(["convert", "zero", str(ckpt), str(tmp_path / "zero_out")])
+    assert sorted(p.name for p in (tmp_path / "zero_out").iterdir()) == ["network.config.json",
+                                                                          "network.safetensors"]
+    zero_export = load_file(tmp_path / "zero_out" / "network.safetensors")
+    assert all(torch.equal(zero_export[k], v) for k, v in exported.items())

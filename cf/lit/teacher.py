@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -134,7 +135,11 @@ class ERFTStepOutput(NamedTuple):
 
 def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, targets: str = LORA_TARGETS) -> nn.Module:
     """Wrap the target Linears of ``network`` with peft LoRA in place (A Kaiming-uniform, B = 0, fp32 factors) and
-    freeze everything else. Returns the same module; its state-dict keys gain ``base_layer`` / ``lora_A.default``."""
+    freeze everything else. Returns the same module; its state-dict keys gain ``base_layer`` / ``lora_A.default``.
+
+    Under DeepSpeed ZeRO-3 (parameters created partitioned) peft's initialisation only sees empty partitions, so the
+    factors are initialised again on the gathered parameters (rank 0's values are broadcast).
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -145,11 +150,25 @@ def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, target
         inject_adapter_in_model(config, network)
     except ValueError as exn:
         raise ValueError(f"lora_targets {targets!r} matched no Linear layer of the DiT: {exn}") from exn
+    factors = []
     for name, param in network.named_parameters():
         is_lora = ".lora_A." in name or ".lora_B." in name
         param.requires_grad_(is_lora)
-        if is_lora and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if is_lora:
+            factors.append((name, param))
+    if any(hasattr(p, "ds_id") for _, p in factors):
+        from cf.strategies import gathered_parameters
+
+        with gathered_parameters([p for _, p in factors], modifier_rank=0), torch.no_grad():
+            for name, param in factors:
+                if ".lora_A." in name:
+                    nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(param)
+    else:
+        for _, param in factors:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
     return network
 
 
@@ -387,7 +406,7 @@ class TeacherERFT(pl.LightningModule):
     @property
     def autoencoder(self) -> VideoAutoencoder:
         """The frozen autoencoder, on this module's device."""
-        return self._encoder("autoencoder", "decode pixel clips / videos")
+        return self._encoder("autoencoder", "encode pixel clips and decode videos")
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -486,7 +505,8 @@ class TeacherERFT(pl.LightningModule):
         layout, text = self.teacher_inputs(batch)
         out = self.erft_step(layout, text)
         info = out.injection.info
-        self.log("train/loss", out.loss, prog_bar=True)
+        batch_size = layout.latents.shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({
             "train/t": out.t.float().mean(),
             "erft/clean_step": float(out.flags.clean_step),
@@ -494,7 +514,7 @@ class TeacherERFT(pl.LightningModule):
             "erft/latent_injected": info.latent_applied.float().mean(),
             "erft/context_injected": info.context_applied.float().mean(),
             **{f"erft/{k}": v for k, v in self.banks.stats().items()},
-        })
+        }, batch_size=batch_size)
         return out.loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
