@@ -24,7 +24,7 @@ from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
 from cf.models.wan import CausalWanDiT, WanConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
-from cf.weights import load_wan_weights
+from cf.weights import load_into, normalize_state_dict, read_state_dict
 
 
 @dataclass
@@ -87,12 +87,30 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "video"
 
 
+def read_student_weights(path: str | Path, use_ema: bool = True) -> dict:
+    """Generator weights (original Wan names) from a Wan-layout file/folder, or from a Lightning checkpoint of the
+    student (`.ckpt` file or DeepSpeed checkpoint folder): its EMA weights when it has them, else the generator's."""
+    from callbacks.ema import EMA
+    from cf.lit.student import read_generator_weights
+
+    path = Path(path)
+    is_checkpoint = path.suffix == ".ckpt" or (path.is_dir() and any(path.rglob("*model_states.pt")))
+    if not is_checkpoint:
+        return normalize_state_dict(read_state_dict(path))
+    if use_ema:
+        try:
+            return normalize_state_dict(EMA.read_ema_weights(path, attribute="generator"))
+        except ValueError as err:  # no EMA in the checkpoint (or not started yet)
+            print(f"{err}; using the training weights of the generator")
+    return read_generator_weights(path)
+
+
 def load_generator(spec: GeneratorSpec, weights: str | Path | None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> CausalWanDiT:
-    """The causal student with `weights` (Wan layout) loaded strictly; random weights when `weights` is None."""
+                   dtype: torch.dtype = torch.float32, use_ema: bool = True) -> CausalWanDiT:
+    """The causal student with `weights` loaded strictly (see `read_student_weights`); random weights when None."""
     model = CausalWanDiT(spec.model_config(), frames_per_chunk=spec.frames_per_chunk)
     if weights is not None:
-        load_wan_weights(model, weights, strict=True)
+        load_into(model, read_student_weights(weights, use_ema), strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -167,11 +185,11 @@ def run(args: argparse.Namespace) -> None:
         spec = GeneratorSpec()  # the toy default with random weights (a smoke test of the pipeline)
     else:
         raise FileNotFoundError(
-            f"no config.json next to {weights}; pass --config with the generator's config.json "
-            "(written by the student's export)"
+            f"no config.json next to {weights}; pass --config with the generator's config.json (the student's "
+            "export writes one next to generator.safetensors)"
         )
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = load_generator(spec, weights, args.device, dtype)
+    model = load_generator(spec, weights, args.device, dtype, use_ema=not args.no_ema)
     prompts = read_prompts(args.prompt, args.prompts)
     start = time.perf_counter()
     paths = generate_videos(spec, model, prompts, args.out, seconds=args.seconds, seed=args.seed,
@@ -184,7 +202,9 @@ def run(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="stream long videos from a trained student into mp4 files",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", help="student weights (.safetensors, Wan layout); omit for random toy weights")
+    p.add_argument("--weights", help="student weights: a Wan-layout .safetensors (with its config.json), or a "
+                   "Lightning checkpoint of the student (EMA weights; pass --config); omit for random toy weights")
+    p.add_argument("--no-ema", action="store_true", help="with a checkpoint: use the training weights, not the EMA")
     p.add_argument("--config", help="generator config.json (default: the one next to --weights)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")

@@ -31,3 +31,15 @@ def test_generate_cli_writes_videos_from_exported_weights(tmp_path):
     assert (info.height, info.width) == (64, 64)
     loaded = load_generator(GeneratorSpec.load(tmp_path / "student" / "config.json"), weights)
     assert torch.equal(loaded.blocks[0].ffn[0].weight, model.blocks[0].ffn[0].weight)
+
+
+def test_student_checkpoint_without_ema_falls_back_to_generator_weights(tmp_path, capsys):
+    from cf.generate import read_student_weights
+
+    model = CausalWanDiT(WanConfig.tiny(), frames_per_chunk=3)
+    state = {f"generator.{k}": v for k, v in model.state_dict().items()}
+    state["critic.head.head.bias"] = torch.zeros(1)
+    torch.save({"state_dict": state, "callbacks": {}}, tmp_path / "last.ckpt")
+    loaded = read_student_weights(tmp_path / "last.ckpt")
+    assert loaded.keys() == model.state_dict().keys()
+    assert "no EMA callback state" in capsys.readouterr().out
