@@ -123,6 +123,12 @@ def merge_lora_state_dict(state_dict: Mapping[str, Tensor], alpha: float | None 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _submodule_name(prefix: str) -> str:
+    """``"model.network."`` -> ``"network"``: the prefix without training wrappers and the final dot."""
+    (stripped,) = strip_training_prefixes({prefix: None})
+    return stripped.rstrip(".")
+
+
 def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None) -> dict[str, dict[str, Tensor]]:
     """Every DiT inside a module's state dict, as ``{submodule prefix without the dot: Wan-layout state dict}``.
 
@@ -131,9 +137,7 @@ def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None
     diffusers names become the original Wan names. A bare DiT state dict gives the prefix ``""``.
     """
     sd = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
-    prefixes = sorted({k[: -len(_WAN_MARKER)] for k in sd if k.endswith(_WAN_MARKER)}, key=len)
-    diffusers_marker = "condition_embedder.time_embedder.linear_1.weight"
-    prefixes += sorted({k[: -len(diffusers_marker)] for k in sd if k.endswith(diffusers_marker)}, key=len)
+    prefixes = sorted({k[: -len(_WAN_MARKER)] for k in sd if k.endswith(_WAN_MARKER)}, key=len)  # both layouts
     if not prefixes:
         raise ValueError(
             "no DiT in this state dict (no key ends in 'patch_embedding.weight'); first keys: "
@@ -145,8 +149,7 @@ def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None
         sub = strip_training_prefixes(merge_lora_state_dict(sub, alpha) if has_lora(sub) else sub)
         if is_diffusers_layout(sub):
             sub = from_diffusers(sub)
-        name = strip_training_prefixes({prefix: None}).popitem()[0].rstrip(".") if prefix else ""
-        out[name] = sub
+        out[_submodule_name(prefix)] = sub
     return out
 
 

@@ -90,6 +90,7 @@ def test_wan_config_strategy_instantiates() -> None:
     assert spec["class_path"] == "cf.strategies.DeepSpeedStrategy"
     strategy = DeepSpeedStrategy(**spec["init_args"])
     assert strategy.config["zero_optimization"]["stage"] == 2
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
