@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from safetensors.torch import load_file
 
 from callbacks.data_health import SkippedSamplesLogger
+from callbacks.video_logger import VideoLogger
 from cf.cli import main as cf_main
 from cf.erft import LongLayoutConfig
 from cf.lit.teacher import TeacherERFT
@@ -48,6 +49,7 @@ def test_toy_config_instantiates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert data.train_config.num_frames == 157 and data.train_config.height == 64
     assert trainer.gradient_clip_val == 1.0 and trainer.max_steps == 400
     assert any(isinstance(c, SkippedSamplesLogger) for c in trainer.callbacks)
+    assert any(isinstance(c, VideoLogger) for c in trainer.callbacks)
     assert isinstance(trainer.logger, pl.loggers.TensorBoardLogger)
     model.setup("fit")
     model.configure_model()  # toy sizes: cheap to build
@@ -126,7 +128,7 @@ def test_toy_config_fits_validates_and_exports(monkeypatch: pytest.MonkeyPatch, 
     events = EventAccumulator(str(run))
     events.Reload()
     assert "val/flow_loss" in events.Tags()["scalars"] and "train/loss" in events.Tags()["scalars"]
-    assert "val/target_truth_vs_teacher" in events.Tags()["images"]
+    assert "val/continuation_truth_vs_teacher/batch0" in events.Tags()["images"]
 
     out = tmp_path / "export" / "teacher.safetensors"
     cf_main(["convert", "teacher", str(ckpt), str(out)])

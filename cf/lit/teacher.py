@@ -285,7 +285,8 @@ class TeacherERFT(pl.LightningModule):
         lr, betas, weight_decay: AdamW (§E.4). Clip gradients with the Trainer's ``gradient_clip_val``.
         seed: seed of the module's generator (timesteps, noise, injection draws; rank r uses seed + r).
         val_timesteps: timesteps of the held-out flow loss (fixed noise per batch).
-        val_sample_batches: validation batches per epoch continued with the sampler and logged as videos.
+        val_sample_batches: validation batches per epoch continued with the sampler; the decoded videos (truth |
+            teacher) go to ``videos_to_log`` for ``callbacks.video_logger.VideoLogger``.
     """
 
     def __init__(
@@ -343,7 +344,7 @@ class TeacherERFT(pl.LightningModule):
         self.__dict__["_encoders"] = {}
         self.__dict__["_object_group"] = None
         self._generator: torch.Generator | None = None
-        self.validation_videos: list[Tensor] = []
+        self.videos_to_log: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -588,10 +589,11 @@ class TeacherERFT(pl.LightningModule):
         loss = self.held_out_loss(layout, text, generator)
         self.log("val/flow_loss", loss, prog_bar=True, sync_dist=True, batch_size=layout.latents.shape[0])
         if batch_idx < self.hparams.val_sample_batches:
-            self._sample_validation_video(layout, text, generator)
+            self._sample_validation_video(layout, text, generator, batch_idx)
         return loss
 
-    def _sample_validation_video(self, layout: TeacherLayout, text: Tensor, generator: torch.Generator) -> None:
+    def _sample_validation_video(self, layout: TeacherLayout, text: Tensor, generator: torch.Generator,
+                                 batch_idx: int) -> None:
         target = layout.target
         generated = self.continue_video(layout.context[:1], text[:1], target.shape[2], generator=generator)
         if self.hparams.autoencoder is None:
@@ -600,33 +602,12 @@ class TeacherERFT(pl.LightningModule):
         with torch.no_grad():
             real = autoencoder.decode(target[:1].float())
             fake = autoencoder.decode(generated.float())
-        self.validation_videos.append(torch.cat([real, fake], dim=-1)[0].cpu())  # [3, T, H, 2W]: truth | teacher
+        # [3, T, H, 2W]: truth | teacher, for callbacks.video_logger.VideoLogger
+        self.videos_to_log[f"val/continuation_truth_vs_teacher/batch{batch_idx}"] = \
+            torch.cat([real, fake], dim=-1)[0].cpu()
 
     def on_validation_epoch_start(self) -> None:
-        self.validation_videos = []
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.validation_videos or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        self._write_validation_videos()
-
-    def _write_validation_videos(self) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        folder = os.path.join(log_dir, "videos")
-        os.makedirs(folder, exist_ok=True)
-        from cf.video_io import Mp4Writer
-
-        fps = 16
-        for index, video in enumerate(self.validation_videos):
-            path = os.path.join(folder, f"teacher_val_step{self.global_step:07d}_{index}.mp4")
-            with Mp4Writer(path, fps=fps) as writer:
-                writer.write(video)
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            video = self.validation_videos[0]
-            frames = video[:, torch.linspace(0, video.shape[1] - 1, 4).long()]  # [3, 4, H, 2W]
-            strip = torch.cat(list(frames.unbind(1)), dim=1)  # frames stacked vertically
-            experiment.add_image("val/target_truth_vs_teacher", (strip + 1) / 2, self.global_step)
+        self.videos_to_log = {}
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
