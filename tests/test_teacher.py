@@ -328,7 +328,6 @@ def fit_measure(module: TeacherERFT, shards: dict[str, Any]) -> float:
     return sum(values) / len(values)
 
 
-@pytest.mark.slow
 def test_toy_run_loss_falls_and_resume_is_identical(synthetic_shards: dict[str, Any], tmp_path: Path) -> None:
     epochs, resume_epoch = 10, 4  # 3 steps per epoch
     torch.manual_seed(0)

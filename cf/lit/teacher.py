@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ERFTConfig",
+    "ERFT_STATE_KEY",
     "ERFTStepOutput",
     "LORA_TARGETS",
     "TeacherERFT",
