@@ -227,7 +227,8 @@ def _check_loads_strict(state_dict: Mapping[str, Tensor], config: Mapping[str, A
         reference = WanDiT(WanConfig(**config)).state_dict()
     missing = sorted(set(reference) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(reference))
-    mismatched = [k for k in set(reference) & set(state_dict) if tuple(reference[k].shape) != tuple(state_dict[k].shape)]
+    mismatched = [k for k in set(reference) & set(state_dict)
+                  if tuple(reference[k].shape) != tuple(state_dict[k].shape)]
     if missing or unexpected or mismatched:
         raise ValueError(
             "the exported weights do not match WanDiT with the checkpoint's config: "
