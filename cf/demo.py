@@ -33,9 +33,9 @@ class DemoConfig:
     out: str = "runs/demo"
     num_clips: int = 160
     num_val_clips: int = 8
-    teacher_steps: int = 400
-    stage1_steps: int = 150
-    stage2_steps: int = 150
+    teacher_steps: int = 1500
+    stage1_steps: int = 300
+    stage2_steps: int = 300
     seconds: float = 60.0
     num_prompts: int = 4
     seeds: int = 2
