@@ -29,12 +29,6 @@ SHRINK = ["--model.init_args.network.dim=64", "--model.init_args.network.ffn_dim
           "--trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cli(args: list[str], run: bool) -> LightningCLI:

@@ -34,20 +34,8 @@ FPS = 16
 SECONDS = 2.0  # 32 frames -> 9 latent frames (3 chunks) -> 33 pixel frames of 32 x 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_wan_weights(WanDiT(TINY), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,8 @@ TINY = WanConfig.tiny()
 TEXT = {"dim": 32, "max_length": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is fastest and avoids contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_wan_weights(WanDiT(TINY), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""Fixtures shared by the test files."""
+
+import pytest
+import torch
+
+from cf.models.wan import WanConfig, WanDiT
+from cf.weights import save_wan_weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test networks are tiny: one intra-op thread is fastest and avoids contention on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory) -> str:
+    """A random bidirectional `WanDiT(WanConfig.tiny())` saved in the Wan layout (teacher / critic / student init)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_wan_weights(WanDiT(WanConfig.tiny()), path)
+    return str(path)
