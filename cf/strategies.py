@@ -10,8 +10,10 @@
   semantics. Backward and ``opt.step()`` are routed to the right engine. Everything outside the submodules (a frozen
   teacher, say) is frozen and replicated on every rank in the compute dtype.
 * **Checkpoints.** Each engine is saved as its own ZeRO shard set in ``<ckpt>/<name>/``; Lightning's own state
-  (loops, callbacks, schedulers, the weights outside the engines) goes to ``<ckpt>/lightning_state.pt``. Resuming with
-  another world size fails with a message naming both sizes and the fix.
+  (loops, callbacks, schedulers, the weights outside the engines) goes to ``<ckpt>/lightning_state.pt``. Callback
+  states can differ between ranks (an EMA of ZeRO-3 partitions), so each rank's are also stored with its shard of the
+  first engine and restored to that rank. Resuming with another world size fails with a message naming both sizes
+  and the fix.
 
 Without ``deepspeed_submodules()`` the strategy behaves like the stock single-engine strategy.
 """
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 LIGHTNING_STATE_FILE = "lightning_state.pt"
+RANK_CALLBACKS_KEY = "callbacks"  # per-rank callback states in the first engine's client state (as stock Lightning)
 ENGINES_FILE = "zero_engines.json"
 DEEPSPEED_TAG = "checkpoint"
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -771,11 +774,13 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (CheckpointIO is unused).")
         filepath = Path(self.broadcast(str(filepath)))
-        for name, engine in self._engines.items():
+        # this rank's callback states go into its own shard file of the first engine (ZeRO-3 writes one per rank)
+        rank_state = {RANK_CALLBACKS_KEY: checkpoint.get("callbacks", {})}
+        for index, (name, engine) in enumerate(self._engines.items()):
             engine.save_checkpoint(
                 str(filepath / name),
                 tag=DEEPSPEED_TAG,
-                client_state={},
+                client_state=rank_state if index == 0 else {},
                 exclude_frozen_parameters=self.exclude_frozen_parameters,
             )
         if self.is_global_zero:
@@ -816,7 +821,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if is_fitting:
             self._check_world_size(path)
             for name, engine in self._engines.items():
-                loaded, _ = engine.load_checkpoint(
+                loaded, client_state = engine.load_checkpoint(
                     str(path / name),
                     tag=DEEPSPEED_TAG,
                     load_optimizer_states=True,
@@ -825,6 +830,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                 )
                 if loaded is None:
                     raise RuntimeError(f"DeepSpeed could not load engine {name!r} from {path / name}.")
+                if client_state and RANK_CALLBACKS_KEY in client_state:
+                    state["callbacks"] = client_state[RANK_CALLBACKS_KEY]  # this rank's own callback states
         else:
             for name, submodule in declared.items():
                 weights = load_zero_checkpoint_state_dict(path, name)

@@ -422,7 +422,14 @@ class PromptFileStream(_EpochAware, IterableDataset):
 
 
 class EpochDataLoader(DataLoader):
-    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles)."""
+    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles).
+
+    The epoch counter is checkpointed (Lightning saves ``state_dict()`` of a training loader), so a run bounded by
+    ``max_steps`` (as the project's configs are) and resumed from an end-of-epoch checkpoint streams the next epoch's
+    data, as the uninterrupted run would. From a checkpoint taken mid-epoch the resumed run also starts the next
+    epoch: the rest of the interrupted epoch is not replayed. (Lightning 2.6 does not restore loader states when an
+    only ``max_epochs``-bounded run resumes from an end-of-epoch checkpoint; the counter then restarts at 0.)
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -433,3 +440,9 @@ class EpochDataLoader(DataLoader):
             self.dataset.set_epoch(self._epochs_started)
         self._epochs_started += 1
         return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epochs_started": self._epochs_started}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._epochs_started = int(state_dict["epochs_started"])

@@ -643,7 +643,9 @@ class TeacherERFT(pl.LightningModule):
         if saved["world_size"] != world:
             log.warning(f"the checkpoint was written by {saved['world_size']} ranks and this run has {world}; "
                         "rank r restores the error banks of saved rank r mod the saved world size")
-        state = ranks[rank % len(ranks)]
+        # rank 0's checkpoint holds every rank's state; under DeepSpeed ZeRO-3 every other rank reads its own shard
+        # file, which holds only its own state
+        state = ranks[rank % int(saved["world_size"])]
         self.banks.load_state_dict(state["banks"])
         self.generator().set_state(state["generator"])
 
