@@ -102,6 +102,10 @@ def read_student_weights(path: str | Path, use_ema: bool = True) -> dict:
             return normalize_state_dict(EMA.read_ema_weights(path, attribute="generator"))
         except ValueError as err:  # no EMA in the checkpoint (or not started yet)
             print(f"{err}; using the training weights of the generator")
+    if path.is_dir():  # a sharded DeepSpeed checkpoint: gather the generator engine
+        from cf.strategies import load_zero_checkpoint_state_dict
+
+        return normalize_state_dict(load_zero_checkpoint_state_dict(path, "generator"))
     return read_generator_weights(path)
 
 
