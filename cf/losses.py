@@ -13,6 +13,17 @@ from cf.diffusion import training_weight
 __all__ = ["classifier_free_guidance", "critic_flow_loss", "dmd_generator_loss", "flow_matching_loss"]
 
 
+def _check_batched_same_shape(**tensors: Tensor) -> None:
+    """All tensors share one shape, batched as [B, ...]."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{', '.join(shapes)} must have the same shape, got "
+                         + ", ".join(str(shape) for shape in shapes.values()))
+    first = next(iter(shapes.values()))
+    if len(first) < 2:
+        raise ValueError(f"inputs must be batched as [B, ...] with at least 2 dims, got shape {first}")
+
+
 def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """``cond + scale·(cond − uncond)``: the real-score guidance of §F.6, effective CFG scale ``1 + scale``."""
     if cond.shape != uncond.shape:
@@ -34,13 +45,7 @@ def dmd_generator_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Ten
         ``dL/dx = Δ / x.numel()``. The mean runs over every element of ``x``, including frames without grad
         (§I.28: this only rescales the step). ``stats`` holds detached scalars for logging.
     """
-    if not (x.shape == x0_real.shape == x0_fake.shape):
-        raise ValueError(
-            f"x, x0_real and x0_fake must have the same shape, got {tuple(x.shape)}, {tuple(x0_real.shape)}, "
-            f"{tuple(x0_fake.shape)}"
-        )
-    if x.ndim < 2:
-        raise ValueError(f"x must be batched as [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    _check_batched_same_shape(x=x, x0_real=x0_real, x0_fake=x0_fake)
     with torch.no_grad():
         x64 = x.detach().to(torch.float64)
         real64 = x0_real.detach().to(torch.float64)
@@ -81,13 +86,7 @@ def _weighted_velocity_mse(
     frames_name: str,
     shift: float,
 ) -> Tensor:
-    if not (flow_pred.shape == noise.shape == clean.shape):
-        raise ValueError(
-            f"flow_pred, noise and clean must have the same shape, got {tuple(flow_pred.shape)}, "
-            f"{tuple(noise.shape)}, {tuple(clean.shape)}"
-        )
-    if flow_pred.ndim < 2:
-        raise ValueError(f"inputs must be batched as [B, ...], got shape {tuple(flow_pred.shape)}")
+    _check_batched_same_shape(flow_pred=flow_pred, noise=noise, clean=clean)
     dtype = torch.promote_types(flow_pred.dtype, torch.float32)
     pred = _select_frames(flow_pred, frames, frames_name).to(dtype)
     target = (_select_frames(noise, frames, frames_name) - _select_frames(clean, frames, frames_name)).to(dtype)

@@ -6,7 +6,8 @@ import argparse
 import json
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object given on the command line, e.g. '{\"dim\": 32}'."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exn:
@@ -98,10 +99,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     encode.add_argument("inputs", help="input video shards in brace notation, e.g. 'in/train-{000000..000009}.tar'")
     encode.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/lat-%%06d.tar")
     encode.add_argument("--autoencoder", default="toy", help="'toy' or a local Wan VAE folder (default toy)")
-    encode.add_argument("--autoencoder-args", type=_json_object, default={},
+    encode.add_argument("--autoencoder-args", type=json_object, default={},
                         help="JSON keyword arguments for the toy autoencoder, e.g. '{\"latent_channels\": 4}'")
     encode.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
-    encode.add_argument("--text-encoder-args", type=_json_object, default={},
+    encode.add_argument("--text-encoder-args", type=json_object, default={},
                         help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 16}' (hashed) "
                              "or '{\"max_length\": 512}' (umT5)")
     encode.add_argument("--encoder-dtype", default="float32", help="dtype of the encoders (default float32)")

@@ -33,6 +33,7 @@ from webdataset.utils import pytorch_worker_info
 
 from cf.diffusion import timestep_grid
 from cf.losses import classifier_free_guidance
+from data.cli import json_object
 from data.datamodule import check_shards_exist
 from data.pipeline import read_prompt_file
 from data.shards import ShardSink, ShardWriteReport
@@ -369,16 +370,6 @@ def _teacher_config(weights: Path, network: str | None) -> dict:
     return dict(raw.get("wan_config", raw))
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({error})") from error
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"dim\": 32}}', got {text!r}")
-    return value
-
-
 def run_ode_pairs(args: argparse.Namespace) -> None:
     """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression."""
     from cf.encoders import build_text_encoder, resolve_dtype
@@ -414,7 +405,7 @@ def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/ode-%%06d.tar")
     p.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
-    p.add_argument("--text-encoder-args", type=_json_object, default={},
+    p.add_argument("--text-encoder-args", type=json_object, default={},
                    help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 8}'")
     p.add_argument("--num-frames", type=int, default=21, help="latent frames per trajectory (default 21)")
     p.add_argument("--latent-size", type=int, nargs=2, default=[60, 104], metavar=("H", "W"),
