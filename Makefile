@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/cf demo $(ARGS)
 
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15 tests --nbmake notebooks $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15 tests --nbmake notebooks $(ARGS)
 
 bench: install
 	$(PY) bench/chunk_cost.py
