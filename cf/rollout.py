@@ -8,7 +8,7 @@ of a chunk do not depend on how long the video already is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,11 +175,13 @@ def train_rollout(
     config: RolloutConfig,
     generator: torch.Generator | None = None,
     grad: bool = True,
+    on_chunk_end: Callable[[int, KVCache], None] | None = None,
 ) -> Tensor:
     """Roll the student out for `num_frames` latent frames through `cache`; returns [B, C, N, h, w].
 
     Only the exit-step outputs of the grad-window chunks carry gradient (when `grad`); every cache write and every
-    commit pass is detached. `exit_index` indexes the sampling steps (0 … K−1).
+    commit pass is detached. `exit_index` indexes the sampling steps (0 … K−1). `on_chunk_end(end_frame, cache)` is
+    called after each chunk's commit pass (e.g. to read the memory's slot table at a given frame).
     """
     n = model.frames_per_chunk
     if num_frames % n:
@@ -210,6 +212,8 @@ def train_rollout(
         outputs.append(x0)
         with torch.no_grad():
             commit_chunk(model, x0.detach(), text_kv, cache, start, sampling.commit_noise_sigma, generator)
+        if on_chunk_end is not None:
+            on_chunk_end(start + n, cache)
     return torch.cat(outputs, dim=2)
 
 
@@ -243,3 +247,29 @@ def teacher_window(
     if context_frames == 0:
         return None, frames
     return frames[:, :, :context_frames].detach(), frames[:, :, context_frames:]
+
+
+def memory_context_frames(slot_frames: Sequence[int], sink: int, slow: int, recent: int, target_start: int
+                          ) -> list[int]:
+    """The frames a `teacher_context="memory"` teacher sees (§I.4): the student memory's sink and slow slots (their
+    source frames, as the slot table holds them when the target window starts), then the `recent` frames right
+    before the target."""
+    remembered = [int(f) for f in slot_frames[: sink + slow] if f >= 0]
+    return remembered + list(range(target_start - recent, target_start))
+
+
+def memory_teacher_window(frames: Tensor, slot_frames: Sequence[Sequence[int]], sink: int, slow: int, recent: int,
+                          target_frames: int) -> tuple[Tensor, Tensor]:
+    """(context [B,C,Tc,h,w] detached, target [B,C,Tt,h,w]) with the context taken from the student's memory.
+
+    `slot_frames[b]` is sample b's slot table when the target window starts (frame N − target_frames); every sample
+    must hold the same number of frames (true once the cache has filled)."""
+    total = frames.shape[2]
+    target_start = total - target_frames
+    indices = [memory_context_frames(slots, sink, slow, recent, target_start) for slots in slot_frames]
+    if len({len(i) for i in indices}) != 1:
+        raise ValueError(f"the samples' memories hold different numbers of frames ({[len(i) for i in indices]}); "
+                         "the target window must start after the cache has filled")
+    index = torch.tensor(indices, device=frames.device)  # [B, Tc]
+    context = torch.stack([frames[b, :, index[b]] for b in range(frames.shape[0])]).detach()
+    return context, frames[:, :, target_start:]

@@ -370,7 +370,7 @@ def test_deepspeed_engines_accumulate_like_the_plain_loop(teacher_file, prompt_f
         ({"text_encoder": "no/such/folder"}, ValueError, "text_encoder"),
         ({"memory": MemoryConfig(frames_per_chunk=1, fast=2, slow=2, rope_length=21)}, ValueError,
          "frames_per_chunk"),
-        ({"teacher_context": "memory"}, NotImplementedError, "not implemented"),
+        ({"teacher_context": "memory"}, ValueError, "set context_window to that"),
     ],
 )
 def test_bad_configurations_fail_before_training(teacher_file, overrides, error, match):
@@ -380,6 +380,38 @@ def test_bad_configurations_fail_before_training(teacher_file, overrides, error,
     args.update(overrides)
     with pytest.raises(error, match=match):
         CDMDStudent(**args)
+
+
+def test_memory_teacher_context_is_the_students_memory_at_the_target(teacher_file):
+    """§I.4 option: the teacher's context = the memory's sink and slow slots when the target starts + the last
+    `fast` frames, read from the rollout itself (every chunk a keyframe: the slot table is predictable)."""
+    from cf.memory import simulate_slots
+
+    memory = MemoryConfig(sink=1, slow=2, fast=3, frames_per_chunk=3, rope_length=6, consolidation_stride_chunks=1)
+    module = make_student(teacher_file, stage=2, memory=memory, keyframes="always", teacher_context="memory",
+                          context_window=6, rollout=RolloutConfig(min_blocks=6, max_blocks=6, grad_window_frames=3))
+    module.setup("fit")
+    frames = {}
+    import cf.lit.student as student_module
+
+    real_rollout = student_module.train_rollout
+
+    def capture(*args, **kwargs):
+        out = real_rollout(*args, **kwargs)
+        frames["all"] = out
+        return out
+
+    student_module.train_rollout = capture
+    try:
+        context, target, _, info = module.rollout(["a red circle"], step=0, phase="critic", grad=False)
+    finally:
+        student_module.train_rollout = real_rollout
+    assert info["frames"] == 18
+    slots = simulate_slots(memory, 12, lambda c: True)[-1]  # the table when the target (frames 12-17) starts
+    expected = [f for f in slots[:3] if f >= 0] + [9, 10, 11]
+    assert context.shape[2] == 6 and not context.requires_grad
+    assert torch.equal(context, frames["all"][:, :, expected])
+    assert torch.equal(target, frames["all"][:, :, 12:])
 
 
 def test_batch_must_split_into_micro_batches(teacher_file):

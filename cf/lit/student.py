@@ -46,6 +46,7 @@ from cf.rollout import (
     RolloutConfig,
     SamplingConfig,
     make_memory,
+    memory_teacher_window,
     sample_exit_index,
     sample_num_blocks,
     stream,
@@ -271,8 +272,9 @@ class CDMDStudent(pl.LightningModule):
             few-step sampling (`RolloutConfig`; default: 7 blocks = 21 frames, last 18 with grad).
         context_window / target_window: frames of the teacher window (§F.5): stage 1 0 / 21, stage 2 21 / 21.
         context_teacher / context_fake: whether the real / fake score sees the context (§I.10).
-        teacher_context: ``"contiguous"`` (the frames before the target, §I.4 default) or ``"memory"``
-            (not implemented).
+        teacher_context: ``"contiguous"`` (the frames before the target, §I.4 default) or ``"memory"`` (the
+            student's memory when the target starts: sink and slow slots of layer 0's slot table, then the last
+            ``memory.fast`` frames; context_window must equal sink + slow + fast).
         reencode_image_latent: make the window's first frame by decoding the prefix and re-encoding its last pixel
             frame (§F.5); False uses the prefix's last latent as is (exact for the toy autoencoder).
         guidance_scale: g of the real score's ``cond + g·(cond − uncond)`` (3.0 stage 1, 5.0 stage 2).
@@ -347,6 +349,15 @@ class CDMDStudent(pl.LightningModule):
         if isinstance(memory, str):
             memory = MemoryConfig.preset(memory, frames_per_chunk=frames_per_chunk)
         self.memory_config = _as_dataclass(memory, MemoryConfig, "memory")
+        if teacher_context == "memory":
+            mc = self.memory_config
+            if mc.fast is None or mc.slow == 0:
+                raise ValueError("teacher_context='memory' needs a slow-fast memory (slow > 0, bounded fast); use "
+                                 "teacher_context='contiguous' with this memory")
+            if context_window != mc.sink + mc.slow + mc.fast:
+                raise ValueError(f"teacher_context='memory' gives the teacher sink + slow + fast = "
+                                 f"{mc.sink + mc.slow + mc.fast} context frames; set context_window to that "
+                                 f"(got {context_window})")
         self.rollout_config = RolloutConfig() if rollout is None else _as_dataclass(rollout, RolloutConfig, "rollout")
         if isinstance(self.rollout_config.sampling, Mapping):
             self.rollout_config.sampling = SamplingConfig(**self.rollout_config.sampling)
@@ -436,10 +447,6 @@ class CDMDStudent(pl.LightningModule):
             problems.append(f"latent_size must be (h, w), got {args['latent_size']}")
         if problems:
             raise ValueError("invalid CDMDStudent configuration: " + "; ".join(problems))
-        if args["teacher_context"] == "memory":
-            raise NotImplementedError(
-                "teacher_context='memory' (the teacher sees [first 3 latents | slow-memory frames | last 6 frames], "
-                "§I.4) is not implemented; use teacher_context='contiguous' (the released code's behaviour)")
 
     # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -566,12 +573,25 @@ class CDMDStudent(pl.LightningModule):
         text = self.embed(captions)
         noise = self._rank_generator(step, phase, micro)
         cache = make_memory(generator, self.memory_config, self.keyframe_policy)
+        memory_slots: list[list[int]] = []
+
+        def remember_slots(end_frame: int, memory: Any) -> None:  # the memory as the target window starts
+            if end_frame == num_frames - hp.target_window:
+                memory_slots[:] = [memory.slot_frames(0, b) for b in range(len(captions))]
+
+        use_memory = hp.teacher_context == "memory"
         with torch.set_grad_enabled(grad):
             text_kv = generator.text_kv(text.to(_network_dtype(generator)))
             frames = train_rollout(generator, text_kv, num_frames, tuple(hp.latent_size), len(captions), cache,
-                                   exit_index, self.rollout_config, generator=noise, grad=grad)
-        autoencoder = self.autoencoder if hp.reencode_image_latent else None
-        context, target = teacher_window(frames, hp.context_window, hp.target_window, autoencoder)
+                                   exit_index, self.rollout_config, generator=noise, grad=grad,
+                                   on_chunk_end=remember_slots if use_memory else None)
+        if use_memory:
+            mc = self.memory_config
+            context, target = memory_teacher_window(frames, memory_slots, mc.sink, mc.slow, mc.fast,
+                                                    hp.target_window)
+        else:
+            autoencoder = self.autoencoder if hp.reencode_image_latent else None
+            context, target = teacher_window(frames, hp.context_window, hp.target_window, autoencoder)
         return context, target, text, {"frames": num_frames, "exit_index": exit_index}
 
     # ------------------------------------------------------------------------------------------------ losses
