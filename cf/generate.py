@@ -44,6 +44,19 @@ class GeneratorSpec:
     keyframes: dict = field(default_factory=dict)  # {"policy", "threshold", "interval_frames"}; empty: similarity
 
     @classmethod
+    def from_dict(cls, raw: dict) -> "GeneratorSpec":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "GeneratorSpec | None":
+        """The spec a `CDMDStudent` stores in its Lightning `.ckpt` files (None when absent)."""
+        from cf.lit.student import GENERATOR_SPEC_KEY
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raw = checkpoint.get(GENERATOR_SPEC_KEY) if isinstance(checkpoint, dict) else None
+        return cls.from_dict(raw) if raw else None
+
+    @classmethod
     def load(cls, path: str | Path) -> "GeneratorSpec":
         path = Path(path)
         if not path.exists():
@@ -51,9 +64,7 @@ class GeneratorSpec:
                 f"generator config {path} not found: pass --config, or place the config.json written by the "
                 "student's export next to the weights"
             )
-        raw = json.loads(path.read_text())
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-        return cls(**known)
+        return cls.from_dict(json.loads(path.read_text()))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -185,6 +196,8 @@ def run(args: argparse.Namespace) -> None:
         spec = GeneratorSpec.load(args.config)
     elif weights is not None and (weights.parent / "config.json").exists():
         spec = GeneratorSpec.load(weights.parent / "config.json")
+    elif weights is not None and weights.suffix == ".ckpt" and GeneratorSpec.from_checkpoint(weights) is not None:
+        spec = GeneratorSpec.from_checkpoint(weights)
     elif weights is None:
         spec = GeneratorSpec()  # the toy default with random weights (a smoke test of the pipeline)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import lightning.pytorch as pl
@@ -313,6 +314,14 @@ def test_validation_streams_videos_and_export_rebuilds_the_generator(teacher_fil
     from_checkpoint = student_module.read_generator_weights(checkpoint)
     for key, value in module.generator.state_dict().items():
         torch.testing.assert_close(from_checkpoint[key], value)
+    # ... and carries its generator spec, so `cf generate` needs nothing else (EMA weights first)
+    as_json = lambda spec: json.loads(json.dumps(dataclasses.asdict(spec)))  # noqa: E731  tuples become lists
+    assert as_json(GeneratorSpec.from_checkpoint(checkpoint)) == as_json(GeneratorSpec.load(path.parent / "config.json"))
+    from cf.cli import main
+
+    main(["generate", "--weights", str(checkpoint), "--prompt", "a red circle", "--seconds", "1",
+          "--out", str(tmp_path / "videos")])
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
 
 
 class SaveWeights(Callback):

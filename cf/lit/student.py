@@ -75,6 +75,7 @@ NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
+GENERATOR_SPEC_KEY = "cdmd_generator_spec"
 COUNTERS_KEY = "cdmd_counters"
 TEACHER_PREFIX = "real_score."
 
@@ -764,9 +765,11 @@ class CDMDStudent(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the step counters; leave the frozen teacher out (it is rebuilt from ``teacher_weights``)."""
+        """Store the step counters and the generator spec (so `cf generate` can use the checkpoint directly); leave
+        the frozen teacher out (it is rebuilt from ``teacher_weights``)."""
         checkpoint[COUNTERS_KEY] = {"trainer_step": self.trainer_step, "generator_updates": self.generator_updates,
                                     "critic_updates": self.critic_updates}
+        checkpoint[GENERATOR_SPEC_KEY] = self.generator_spec()
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
