@@ -316,7 +316,8 @@ def test_validation_streams_videos_and_export_rebuilds_the_generator(teacher_fil
         torch.testing.assert_close(from_checkpoint[key], value)
     # ... and carries its generator spec, so `cf generate` needs nothing else (EMA weights first)
     as_json = lambda spec: json.loads(json.dumps(dataclasses.asdict(spec)))  # noqa: E731  tuples become lists
-    assert as_json(GeneratorSpec.from_checkpoint(checkpoint)) == as_json(GeneratorSpec.load(path.parent / "config.json"))
+    exported_spec = GeneratorSpec.load(path.parent / "config.json")
+    assert as_json(GeneratorSpec.from_checkpoint(checkpoint)) == as_json(exported_spec)
     from cf.cli import main
 
     main(["generate", "--weights", str(checkpoint), "--prompt", "a red circle", "--seconds", "1",
