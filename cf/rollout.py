@@ -9,6 +9,7 @@ of a chunk do not depend on how long the video already is.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,20 +43,27 @@ def denoise_chunk(
     start_frame: int,
     timesteps: Tensor,
     generator: torch.Generator | None = None,
+    exit_index: int | None = None,
+    grad_at_exit: bool | None = None,
 ) -> Tensor:
-    """Few-step denoising of one chunk from `noise` [B, C, n, H, W]; returns x̂0 of the last step.
+    """Few-step denoising of one chunk from `noise` [B, C, n, H, W]; returns x̂0 of the exit step.
 
-    Every call writes the chunk's K/V into `cache` (repeated calls rewrite the chunk's own slots)."""
+    Runs steps 0 … `exit_index` (all by default), re-noising with fresh noise in between. Every call writes the
+    chunk's K/V into `cache` (repeated calls rewrite the chunk's own slots). With `grad_at_exit` given, autograd
+    records only the exit step's call, and only when it is True (the training rollout); None keeps the caller's
+    grad mode."""
     batch = noise.shape[0]
-    x = noise
-    x0 = noise
-    for k, t in enumerate(timesteps.tolist()):
-        sigma = t / 1000.0
-        flow = model.forward_chunk(x, torch.full((batch,), t, device=x.device), text_kv, cache, start_frame)
-        x0 = flow_to_x0(x, flow, sigma)
-        if k + 1 < len(timesteps):
+    last = len(timesteps) - 1 if exit_index is None else exit_index
+    x = x0 = noise
+    for k in range(last + 1):
+        t = float(timesteps[k])
+        grad_mode = nullcontext() if grad_at_exit is None else torch.set_grad_enabled(grad_at_exit and k == last)
+        with grad_mode:
+            flow = model.forward_chunk(x, torch.full((batch,), t, device=x.device), text_kv, cache, start_frame)
+            x0 = flow_to_x0(x, flow, t / 1000.0)
+        if k < last:
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = add_noise(x0, fresh, float(timesteps[k + 1]) / 1000.0)
+            x = add_noise(x0.detach(), fresh, float(timesteps[k + 1]) / 1000.0)
     return x0
 
 
@@ -198,17 +206,10 @@ def train_rollout(
     shape = (batch_size, model.config.in_dim, n, *latent_size)
     outputs = []
     for start in range(0, num_frames, n):
-        last = steps - 1 if start <= grad_start else exit_index
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        x0 = x
-        for k in range(last + 1):
-            t = float(timesteps[k])
-            with torch.set_grad_enabled(grad and k == last and start >= grad_start):
-                flow = model.forward_chunk(x, torch.full((batch_size,), t, device=device), text_kv, cache, start)
-                x0 = flow_to_x0(x, flow, t / 1000.0)
-            if k < last:
-                fresh = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                x = add_noise(x0.detach(), fresh, float(timesteps[k + 1]) / 1000.0)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x0 = denoise_chunk(model, noise, text_kv, cache, start, timesteps, generator,
+                           exit_index=steps - 1 if start <= grad_start else exit_index,
+                           grad_at_exit=grad and start >= grad_start)
         outputs.append(x0)
         with torch.no_grad():
             commit_chunk(model, x0.detach(), text_kv, cache, start, sampling.commit_noise_sigma, generator)
