@@ -11,8 +11,10 @@ text context [B, L, text_dim]. The output is the flow (velocity) prediction v �
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +324,17 @@ class WanDiT(nn.Module):
         x [B, C, T, H, W]; t [B] or [B, T]; context [B, L, text_dim] (or precomputed `text_kv`);
         frame_positions: optional [B, T] temporal RoPE positions (default 0 … T−1, contiguous, §D.3).
         """
+        return self._forward_sequence(x, t, context, frame_positions)
+
+    def _forward_sequence(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | list,
+        frame_positions: Tensor | None = None,
+        attention_mask: Callable[[tuple[int, int, int]], Any] | None = None,
+    ) -> Tensor:
+        """All frames in one pass; `attention_mask(grid)` builds the self-attention mask (None: full attention)."""
         grid = self._check_latents(x)
         b = x.shape[0]
         tt = self._frame_timesteps(t, b, grid[0])
@@ -329,10 +342,11 @@ class WanDiT(nn.Module):
         if frame_positions is None:
             frame_positions = torch.arange(grid[0], device=x.device).expand(b, grid[0])
         rope = self.rope.tables(frame_positions, grid[1:])
+        mask = attention_mask(grid) if attention_mask is not None else None
         e, e0 = self.time_embeddings(tt)
         tokens = self.patchify(x)
         for block, kv in zip(self.blocks, text_kv):
-            tokens = self._run_block(block, tokens, e0, kv, rope)
+            tokens = self._run_block(block, tokens, e0, kv, rope, None, mask)
         return self.unpatchify(self.head(tokens, e), grid)
 
 
@@ -360,21 +374,12 @@ class CausalWanDiT(WanDiT):
     ) -> Tensor:
         """x [B, C, T, H, W]; t [B] or [B, T]; each chunk of `frames_per_chunk` frames sees itself and the chunks
         before it (and only the last `local_window_frames` frames when given). Absolute positions 0 … T−1."""
-        grid = self._check_latents(x)
-        b = x.shape[0]
-        tt = self._frame_timesteps(t, b, grid[0])
-        text_kv = self._text_kv_list(context, b)
-        seqlen = grid[1] * grid[2]
-        if x.is_cuda:
-            mask = block_causal_block_mask(grid[0], seqlen, self.frames_per_chunk, local_window_frames, x.device)
-        else:
-            mask = block_causal_mask(grid[0], seqlen, self.frames_per_chunk, local_window_frames, x.device)
-        rope = self.rope.tables(torch.arange(grid[0], device=x.device).expand(b, grid[0]), grid[1:])
-        e, e0 = self.time_embeddings(tt)
-        tokens = self.patchify(x)
-        for block, kv in zip(self.blocks, text_kv):
-            tokens = self._run_block(block, tokens, e0, kv, rope, None, mask)
-        return self.unpatchify(self.head(tokens, e), grid)
+
+        def block_causal(grid: tuple[int, int, int]) -> Any:
+            build = block_causal_block_mask if x.is_cuda else block_causal_mask
+            return build(grid[0], grid[1] * grid[2], self.frames_per_chunk, local_window_frames, x.device)
+
+        return self._forward_sequence(x, t, context, attention_mask=block_causal)
 
     def forward_chunk(
         self,
