@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> None:
         spec = GeneratorSpec.load(args.config)
     elif weights is not None and (weights.parent / "config.json").exists():
         spec = GeneratorSpec.load(weights.parent / "config.json")
-    elif weights is not None and weights.suffix == ".ckpt" and GeneratorSpec.from_checkpoint(weights) is not None:
-        spec = GeneratorSpec.from_checkpoint(weights)
+    elif weights is not None and weights.suffix == ".ckpt" and (stored := GeneratorSpec.from_checkpoint(weights)):
+        spec = stored
     elif weights is None:
         spec = GeneratorSpec()  # the toy default with random weights (a smoke test of the pipeline)
     else:
