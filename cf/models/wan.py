@@ -4,6 +4,11 @@ Parameter names are exactly those of the original Wan2.1 checkpoints (method.md 
 `diffusion_pytorch_model.safetensors` loads with `strict=True`; `cf.weights` converts the diffusers layout.
 The forward pass follows §A.4. Sequences are never padded to a fixed length (§I.30).
 
+Numerics (§A.6) follow the original Wan2.1 code under bf16: the residual stream between and inside the blocks, the
+time embedding (sinusoid → MLP → projection), the modulation arithmetic and the norms stay in fp32; each sub-layer
+(self-attention, cross-attention, FFN, head projection) gets its input cast to the dtype of its weights and its
+output is upcast before the gated fp32 residual add. With fp32 weights all these casts are no-ops.
+
 Shapes: latents x [B, C, T, H, W]; timesteps t [B] (one per sample) or [B, T] (one per latent frame), t = 1000·σ;
 text context [B, L, text_dim]. The output is the flow (velocity) prediction v ≈ noise − x0, shaped like x.
 """
@@ -94,6 +99,23 @@ class WanLayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def _without_autocast(x: Tensor) -> Any:
+    """A context that switches off an active autocast on x's device (it would lower fp32 matmuls to bf16)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return nullcontext()
+
+
+class WanFp32Linear(nn.Linear):
+    """nn.Linear computed in fp32 whatever its parameters' dtype or an active autocast (the time embedding)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        with _without_autocast(x):
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -188,7 +210,8 @@ class WanBlock(nn.Module):
         return tuple((self.modulation.float()[:, None] + e0.float()).unbind(2))
 
     def self_attn_input(self, x: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
-        return modulate(self.norm1(x).float(), mods[0], mods[1]).type_as(x)
+        """LN(x)·(1 + scale1) + shift1 in fp32, cast to the self-attention's weight dtype."""
+        return modulate(self.norm1(x).float(), mods[0], mods[1]).to(self.self_attn.q.weight.dtype)
 
     def forward(
         self,
@@ -201,17 +224,19 @@ class WanBlock(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         key_value_only: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B, L, D] -> x; with `key_value_only` the self-attention's own un-rotated (keys, values) instead.
+        """x [B, L, D] -> x in fp32 (the residual stream); with `key_value_only` the self-attention's own
+        un-rotated (keys, values) instead, in its weight dtype.
 
         Everything goes through this forward so that sharded parameters (ZeRO-3) are gathered by its hooks."""
+        x = x.float()
         mods = self.modulation_terms(e0)
         if key_value_only:
             return self.self_attn.key_value(self.self_attn_input(x, mods))
         y = self.self_attn(self.self_attn_input(x, mods), rope, context, mask, kv)
-        x = (x.float() + gate(y.float(), mods[2])).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), text_kv)
-        y = self.ffn(modulate(self.norm2(x).float(), mods[3], mods[4]).type_as(x))
-        return (x.float() + gate(y.float(), mods[5])).type_as(x)
+        x = x + gate(y.float(), mods[2])
+        x = x + self.cross_attn(self.norm3(x).to(self.cross_attn.q.weight.dtype), text_kv).float()
+        y = self.ffn(modulate(self.norm2(x).float(), mods[3], mods[4]).to(self.ffn[0].weight.dtype))
+        return x + gate(y.float(), mods[5])
 
 
 class WanHead(nn.Module):
@@ -222,9 +247,10 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """x [B, L, D]; e [B, Tm, D] the pre-projection time embedding."""
+        """x [B, L, D] (fp32 residual stream); e [B, Tm, D] the pre-projection time embedding.
+        Returns [B, L, pt·ph·pw·C] in the projection's weight dtype."""
         shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)
-        return self.head(modulate(self.norm(x).float(), shift, scale).type_as(x))
+        return self.head(modulate(self.norm(x).float(), shift, scale).to(self.head.weight.dtype))
 
 
 class WanDiT(nn.Module):
@@ -237,8 +263,8 @@ class WanDiT(nn.Module):
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_embedding = nn.Sequential(WanFp32Linear(cfg.freq_dim, d), nn.SiLU(), WanFp32Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), WanFp32Linear(d, 6 * d))
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
@@ -283,9 +309,8 @@ class WanDiT(nn.Module):
         raise ValueError(f"t must have shape [B={batch}] or [B={batch}, T={frames}], got {tuple(t.shape)}")
 
     def time_embeddings(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """e [B, Tm, D] (for the head) and e0 [B, Tm, 6, D] (block modulation) from timesteps [B, Tm]."""
-        dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(dtype))
+        """e [B, Tm, D] (for the head) and e0 [B, Tm, 6, D] (block modulation) from timesteps [B, Tm], in fp32."""
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).float())
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0
 
@@ -295,8 +320,8 @@ class WanDiT(nn.Module):
         return [block.cross_attn.text_key_value(text) for block in self.blocks]
 
     def patchify(self, x: Tensor) -> Tensor:
-        """[B, C, T, H, W] -> tokens [B, T'·h·w, D] in (t, h, w) row-major order."""
-        return self.patch_embedding(x).flatten(2).transpose(1, 2)
+        """[B, C, T, H, W] -> tokens [B, T'·h·w, D] in (t, h, w) row-major order, in fp32 (the residual stream)."""
+        return self.patch_embedding(x).flatten(2).transpose(1, 2).float()
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Head output [B, L, pt·ph·pw·C] -> [B, C, T, H, W]."""
