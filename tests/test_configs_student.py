@@ -129,18 +129,53 @@ def test_toy_configs_instantiate_with_their_own_sizes(toy_env, name):
     assert model.generator.config == TOY_NETWORK
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_wan_configs_instantiate_with_the_paper_values(tmp_path, monkeypatch, stage):
+@pytest.fixture
+def wan_env(tmp_path, monkeypatch):
+    """Placeholder files for every path variable the wan1.3b configs read (no weights are loaded)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.argv", ["cf"])
     wan = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
     wan.mkdir()
-    for name in ("CF_TEACHER", "CF_STUDENT_INIT", "CF_STUDENT_STAGE1", "CF_PROMPTS", "CF_VAL_PROMPTS"):
-        path = tmp_path / f"{name.lower()}.file"
-        path.write_text("placeholder\n")
+    paths = {"CF_WAN": wan, "CF_RUNS": tmp_path / "runs"}
+    for name in ("CF_TEACHER", "CF_STUDENT_INIT", "CF_STUDENT_STAGE1", "CF_PROMPTS", "CF_VAL_PROMPTS",
+                 "CF_ODE_PAIRS", "CF_VAL_ODE_PAIRS"):
+        paths[name] = tmp_path / f"{name.lower()}.file"
+        paths[name].write_text("placeholder\n")
+    for name, path in paths.items():
         monkeypatch.setenv(name, str(path))
-    monkeypatch.setenv("CF_WAN", str(wan))
-    monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
+    return paths
+
+
+def test_wan_stage0_config_instantiates_with_the_ode_recipe(wan_env):
+    # no GPU here: the trainer is instantiated on the CPU, everything else as written
+    loaded = cli(["--config=configs/wan1.3b/student_stage0.yaml", "--trainer.accelerator=cpu",
+                  "--trainer.devices=1"], run=False)
+    model, hp = loaded.model, loaded.model.hparams
+    assert isinstance(model, ODEInitStudent) and model.network_config == WanConfig.wan2_1_1_3b()
+    assert hp.init_weights == str(wan_env["CF_WAN"]) and hp.export_path == str(wan_env["CF_STUDENT_INIT"])
+    assert hp.frames_per_chunk == 3 and hp.local_window_frames is None  # full block-causal history (§I.20)
+    assert model.timesteps.tolist() == pytest.approx([1000.0, 937.5, 833.33, 625.0], abs=0.01)
+    assert (hp.lr, tuple(hp.betas), hp.weight_decay) == (2e-6, (0.9, 0.999), 0.01)  # CF student values (§I.21)
+    assert hp.gradient_checkpointing and hp.latent_size == [60, 104]
+    assert hp.autoencoder == hp.text_encoder == str(wan_env["CF_WAN"])
+    # the pairs `cf data ode-pairs` writes by default are §F.9's, one stored state per student timestep
+    pairs = ODEPairConfig()
+    assert (pairs.num_steps, pairs.shift, pairs.guidance_scale, pairs.num_frames) == (48, 8.0, 6.0, 21)
+    assert pairs.stored_steps == (0, 12, 24, 36) and len(pairs.stored_steps) == len(model.timesteps)
+    assert list(pairs.latent_size) == hp.latent_size
+    data = loaded.datamodule
+    assert (data.hparams.train_urls, data.hparams.val_urls) == (str(wan_env["CF_ODE_PAIRS"]),
+                                                                str(wan_env["CF_VAL_ODE_PAIRS"]))
+    assert data.hparams.text_length == WanConfig.wan2_1_1_3b().text_len and data.hparams.batch_size == 1
+    trainer = loaded.trainer
+    assert (trainer.accumulate_grad_batches, trainer.gradient_clip_val) == (8, 2.0)  # batch 64 on 8 GPUs, clip 2.0
+    strategy = trainer.strategy
+    assert type(strategy).__name__ == "DeepSpeedStrategy"
+    assert strategy.zero_stage_3 and strategy.config["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_wan_configs_instantiate_with_the_paper_values(wan_env, stage):
     # no GPU here: the trainer is instantiated on the CPU, everything else as written
     loaded = cli([f"--config=configs/wan1.3b/student_stage{stage}.yaml", "--trainer.accelerator=cpu",
                   "--trainer.devices=1"], run=False)
