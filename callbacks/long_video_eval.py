@@ -49,7 +49,7 @@ from callbacks.video_logger import log_video
 from cf.evaluation.metrics import VBenchConsistency, WindowedScore
 from cf.evaluation.report import EvaluationConfig, evaluate_video
 from cf.generate import latent_frames_for
-from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
+from cf.memory import MemoryConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import encode_mp4, to_uint8_frames
 
@@ -70,7 +70,6 @@ class StudentGeneration:
 
     generator: nn.Module
     memory: MemoryConfig
-    keyframes: KeyframePolicy
     sampling: SamplingConfig
     latent_size: tuple[int, int]
     fps: int
@@ -79,8 +78,8 @@ class StudentGeneration:
     @classmethod
     def from_module(cls, pl_module: nn.Module, memory: str | Mapping[str, Any] | None = None) -> "StudentGeneration":
         """Read the generator and its settings from ``pl_module``; ``memory``: a preset name or `MemoryConfig`
-        fields replacing the module's memory (its keyframe settings are kept)."""
-        required = ("generator", "embed", "autoencoder", "memory_config", "keyframe_policy", "rollout_config",
+        fields replacing the module's memory (a preset brings its own keyframe rule)."""
+        required = ("generator", "embed", "autoencoder", "memory_config", "rollout_config",
                     "hparams")
         missing = [name for name in required if not hasattr(pl_module, name)]
         if missing:
@@ -90,13 +89,8 @@ class StudentGeneration:
             raise RuntimeError("the student's networks are not built yet (configure_model has not run)")
         hp = pl_module.hparams
         fpc = int(hp.frames_per_chunk)
-        if memory is None:
-            config, policy = pl_module.memory_config, pl_module.keyframe_policy
-        else:
-            config = resolve_memory(memory, fpc)
-            policy = keyframe_policy(hp.keyframes, hp.keyframe_threshold, hp.keyframe_interval_frames,
-                                     config.per_sample_decisions)
-        return cls(generator=pl_module.generator, memory=config, keyframes=policy,
+        config = pl_module.memory_config if memory is None else resolve_memory(memory, fpc)
+        return cls(generator=pl_module.generator, memory=config,
                    sampling=pl_module.rollout_config.sampling, latent_size=tuple(int(s) for s in hp.latent_size),
                    fps=int(hp.fps), frames_per_chunk=fpc)
 
@@ -258,6 +252,8 @@ def _finite_or_none(value: float) -> float | None:
 class _Scores:
     """Per-rank torchmetrics states of one evaluation; `compute` sums them over ranks (collective)."""
 
+    VBENCH_SCALARS = ("vbench_subject_consistency", "vbench_background_consistency")
+
     def __init__(self, timestamps: Sequence[float], device: torch.device) -> None:
         self.timestamps = tuple(timestamps)
         self.device = device
@@ -288,13 +284,15 @@ class _Scores:
         for name, scores in result["windowed"].items():
             self._get("windowed", name).update(scores)
         for name, value in result["scalars"].items():
+            if name in self.VBENCH_SCALARS:  # per-video VBench scores: aggregated frame-weighted below
+                continue
             if name not in _NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._get("means", name).update(float(value))
         features = result["features"]
         if "vbench_dino" in features:
             self._get("vbench", "vbench_subject_consistency").update(features["vbench_dino"])
-        if "clip" in features:
-            self._get("vbench", "vbench_background_consistency").update(features["clip"])
+        if "vbench_clip" in features:
+            self._get("vbench", "vbench_background_consistency").update(features["vbench_clip"])
         for curve, events in result["flashbacks"].items():
             self._get("sums", f"flashbacks_{curve}").update(float(len(events)))
         self._get("sums", "seconds").update(float(result["scalars"]["duration_s"]))
@@ -446,7 +444,7 @@ class LongVideoEval(PeriodicGeneration):
         decoder = pl_module.autoencoder.stream_decoder()
         chunks = []
         for latents in stream(setup.generator, text, num_frames, setup.latent_size, memory=setup.memory,
-                              sampling=setup.sampling, seed=seed, keyframes=setup.keyframes):
+                              sampling=setup.sampling, seed=seed):
             chunks.append(to_uint8_frames(decoder(latents.float())[0]))
         return np.concatenate(chunks)
 

@@ -228,8 +228,7 @@ class ThroughputMonitor(PeriodicGeneration):
         num_frames = max(2 * setup.frames_per_chunk, setup.num_latent_frames(self.seconds))
         result = measure_stream_throughput(setup.generator, pl_module.embed([self.prompt]), num_frames,
                                            setup.latent_size, setup.memory, pl_module.autoencoder,
-                                           self.warmup_chunks, sampling=setup.sampling, seed=self.seed,
-                                           keyframes=setup.keyframes)
+                                           self.warmup_chunks, sampling=setup.sampling, seed=self.seed)
         self.last_result = result
         if not trainer.is_global_zero:
             return

@@ -13,14 +13,14 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from cf.encoders import build_autoencoder, build_text_encoder
-from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
+from cf.memory import MemoryConfig
 from cf.models.wan import CausalWanDiT, WanConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
@@ -39,12 +39,18 @@ class GeneratorSpec:
     text_encoder_kwargs: dict = field(default_factory=dict)
     latent_size: tuple[int, int] = (8, 8)
     fps: int = 16
-    memory: dict = field(default_factory=dict)  # MemoryConfig fields; empty: the slow_fast preset
+    memory: dict = field(default_factory=dict)  # MemoryConfig fields, keyframe rule included; empty: slow_fast
     sampling: dict = field(default_factory=dict)  # SamplingConfig fields
-    keyframes: dict = field(default_factory=dict)  # {"policy", "threshold", "interval_frames"}; empty: similarity
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GeneratorSpec":
+        raw = dict(raw)
+        legacy = raw.pop("keyframes", None)  # exports that stored the keyframe rule beside the memory
+        if legacy:
+            raw["memory"] = {"keyframes": legacy.get("policy", "similarity"),
+                             "threshold": legacy.get("threshold", 0.95),
+                             "keyframe_interval_frames": legacy.get("interval_frames") or 6,
+                             **raw.get("memory", {})}
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
     @classmethod
@@ -75,16 +81,13 @@ class GeneratorSpec:
     def model_config(self) -> WanConfig:
         return WanConfig(**self.wan_config)
 
-    def keyframe_policy(self, name: str | None = None, per_sample: bool = True) -> KeyframePolicy:
-        """The keyframe policy this generator was trained with (or `name` instead)."""
-        kf = self.keyframes
-        return keyframe_policy(name or kf.get("policy", "similarity"), threshold=kf.get("threshold", 0.95),
-                               interval_frames=kf.get("interval_frames") or 6, per_sample=per_sample)
-
-    def memory_config(self, preset: str | None = None) -> MemoryConfig:
+    def memory_config(self, preset: str | None = None, keyframes: str | None = None) -> MemoryConfig:
+        """The memory this generator was trained with, or the `preset` instead; `keyframes` replaces its rule."""
         if preset:
-            return MemoryConfig.preset(preset, frames_per_chunk=self.frames_per_chunk)
-        return MemoryConfig(**{"frames_per_chunk": self.frames_per_chunk, **self.memory})
+            config = MemoryConfig.preset(preset, frames_per_chunk=self.frames_per_chunk)
+        else:
+            config = MemoryConfig(**{"frames_per_chunk": self.frames_per_chunk, **self.memory})
+        return replace(config, keyframes=keyframes) if keyframes else config
 
 
 def latent_frames_for(seconds: float, fps: int, frames_per_chunk: int) -> int:
@@ -152,8 +155,7 @@ def generate_videos(
     out_dir.mkdir(parents=True, exist_ok=True)
     autoencoder = build_autoencoder(spec.autoencoder, **spec.autoencoder_kwargs).to(device)
     text_encoder = build_text_encoder(spec.text_encoder, **spec.text_encoder_kwargs).to(device)
-    memory_config = spec.memory_config(memory)
-    policy = spec.keyframe_policy(keyframes, per_sample=memory_config.per_sample_decisions)
+    memory_config = spec.memory_config(memory, keyframes)
     sampling = SamplingConfig(**spec.sampling)
     num_frames = latent_frames_for(seconds, spec.fps, spec.frames_per_chunk)
     names = names or [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
@@ -164,7 +166,7 @@ def generate_videos(
         decoder = autoencoder.stream_decoder()
         writers = [Mp4Writer(out_dir / f"{names[b0 + i]}.mp4", fps=spec.fps) for i in range(len(batch_prompts))]
         chunks = stream(model, text, num_frames, tuple(spec.latent_size), memory=memory_config,
-                        sampling=sampling, seed=seed + b0 // batch_size, keyframes=policy)
+                        sampling=sampling, seed=seed + b0 // batch_size)
         bar = tqdm(chunks, total=num_frames // spec.frames_per_chunk, unit="chunk", disable=not progress,
                    desc=f"generating {b0 + 1}-{b0 + len(batch_prompts)}/{len(prompts)}")
         for latents in bar:

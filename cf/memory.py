@@ -21,8 +21,16 @@ of using a free slot. Options cover the spec's recommended defaults and the rele
 | similarity_reference        | "previous_chunk"   | "previous_call"      |
 | consolidation_stride_chunks | 2                  | 1                    |
 
-The same object, configured, gives the baselines: `MemoryConfig.full()` (no eviction), `.sliding()` (sink +
-sliding window, LongLive 3 + 12), `.self_forcing()` (sink + 18-frame rolling window, absolute positions).
+The keyframe rule is part of the config (`keyframes`, `threshold`, `keyframe_interval_frames`): the similarity
+rule of Eq. 7 (candidates every `consolidation_stride_chunks` chunks, §I.5), the uniform ablation (every
+`keyframe_interval_frames` frames, the stride does not apply), or always / never (tests). With
+`consolidation_source="commit_pass"` a consolidation decided on the commit pass is applied when the call ends
+(`cf.models.kv_cache` window contract), so every call on a chunk reads the same memory.
+
+The same object, configured, gives the baselines and the paper's Table 3 ablations, by preset name:
+`full` (no eviction), `sliding` (sink + sliding window, LongLive 3 + 12), `self_forcing` (sink + 18-frame rolling
+window, absolute positions), `uniform_every_chunk`, `uniform_every_2_chunks`, `no_bounded_pe` (absolute positions
+with the slow memory kept, §I.13).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from torch import Tensor
 from cf.models.kv_cache import KVWindow
 
 PositionMode = Literal["bounded", "absolute"]
+KeyframeRule = Literal["similarity", "uniform", "always", "never"]
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -57,6 +66,9 @@ class MemoryConfig:
     warmup_frames: int | None = None  # None: the fast size (§I.6)
     frames_per_consolidation: int = 1
     per_sample_decisions: bool = True  # False: one decision per batch from the batch-mean cosine (released code)
+    keyframes: KeyframeRule = "similarity"
+    threshold: float = 0.95  # τ of the similarity rule
+    keyframe_interval_frames: int = 6  # the uniform rule's period in frames (3: every chunk, 6: every 2 chunks)
 
     def __post_init__(self) -> None:
         n = self.frames_per_chunk
@@ -84,6 +96,11 @@ class MemoryConfig:
             problems.append(f"unknown consolidation_source {self.consolidation_source!r}")
         if self.similarity_reference not in ("previous_chunk", "previous_call"):
             problems.append(f"unknown similarity_reference {self.similarity_reference!r}")
+        if self.keyframes not in ("similarity", "uniform", "always", "never"):
+            problems.append(f"unknown keyframes rule {self.keyframes!r}; choose similarity, uniform, always or never")
+        if self.keyframes == "uniform" and self.keyframe_interval_frames <= 0:
+            problems.append(f"the uniform keyframe rule needs keyframe_interval_frames > 0 "
+                            f"(got {self.keyframe_interval_frames}; §I.8)")
         if problems:
             raise ValueError("invalid MemoryConfig: " + "; ".join(problems))
 
@@ -95,6 +112,11 @@ class MemoryConfig:
     @property
     def warmup(self) -> int:
         return self.fast if self.warmup_frames is None and self.fast is not None else (self.warmup_frames or 0)
+
+    def keyframe_policy(self) -> "KeyframePolicy":
+        """The keyframe rule these settings name (`keyframes`, `threshold`, `keyframe_interval_frames`, stride)."""
+        return keyframe_policy(self.keyframes, self.threshold, self.keyframe_interval_frames,
+                               self.per_sample_decisions, self.consolidation_stride_chunks)
 
     @classmethod
     def slow_fast(cls, **overrides) -> "MemoryConfig":
@@ -128,10 +150,31 @@ class MemoryConfig:
                    **overrides)
 
     @classmethod
+    def uniform_every_chunk(cls, frames_per_chunk: int = 3, **overrides) -> "MemoryConfig":
+        """Table 3 ablation "uniform slow sampling, interval 1": every chunk past warm-up is a keyframe."""
+        return cls(keyframes="uniform", keyframe_interval_frames=frames_per_chunk, frames_per_chunk=frames_per_chunk,
+                   **overrides)
+
+    @classmethod
+    def uniform_every_2_chunks(cls, frames_per_chunk: int = 3, **overrides) -> "MemoryConfig":
+        """Table 3 ablation "uniform slow sampling, interval 2": every other chunk past warm-up is a keyframe."""
+        return cls(keyframes="uniform", keyframe_interval_frames=2 * frames_per_chunk,
+                   frames_per_chunk=frames_per_chunk, **overrides)
+
+    @classmethod
+    def no_bounded_pe(cls, frames_per_chunk: int = 3, **overrides) -> "MemoryConfig":
+        """Table 3 ablation "without bounded PE" with the slow memory kept (§I.13): keys at their source frame's
+        absolute position (the RoPE table's 1024 positions bound the video length)."""
+        return cls(position_mode="absolute", rope_length=1024, frames_per_chunk=frames_per_chunk, **overrides)
+
+    @classmethod
     def preset(cls, name: str, frames_per_chunk: int = 3) -> "MemoryConfig":
-        """By name: slow_fast | released_code | sliding | self_forcing | full."""
+        """By name: slow_fast | released_code | sliding | self_forcing | full | uniform_every_chunk |
+        uniform_every_2_chunks | no_bounded_pe."""
         presets = {"slow_fast": cls.slow_fast, "released_code": cls.released_code, "sliding": cls.sliding,
-                   "self_forcing": cls.self_forcing, "full": cls.full}
+                   "self_forcing": cls.self_forcing, "full": cls.full,
+                   "uniform_every_chunk": cls.uniform_every_chunk, "uniform_every_2_chunks": cls.uniform_every_2_chunks,
+                   "no_bounded_pe": cls.no_bounded_pe}
         if name not in presets:
             raise ValueError(f"unknown memory preset {name!r}; choose one of {sorted(presets)}")
         return presets[name](frames_per_chunk=frames_per_chunk)
@@ -147,13 +190,19 @@ class KeyframePolicy(Protocol):
 
 @dataclass
 class SimilarityKeyframes:
-    """Consolidate when cos(descriptor, reference) < threshold (Eq. 7); no reference yet -> consolidate."""
+    """Consolidate when cos(descriptor, reference) < threshold (Eq. 7); no reference yet -> consolidate.
+
+    Only every `stride_chunks`-th chunk is a candidate (§I.5: the paper consolidates at 2-chunk intervals); the
+    others are never keyframes. `per_sample=False` takes one decision per batch from the batch-mean cosine."""
 
     threshold: float = 0.95
     per_sample: bool = True
+    stride_chunks: int = 1
 
     def decide(self, start_frame: int, chunk_index: int, descriptor: Tensor, reference: Tensor | None) -> Tensor:
         batch = descriptor.shape[0]
+        if chunk_index % self.stride_chunks:
+            return torch.zeros(batch, dtype=torch.bool)
         if reference is None:
             return torch.ones(batch, dtype=torch.bool)
         sim = F.cosine_similarity(descriptor.float(), reference.float(), dim=-1).cpu()
@@ -197,10 +246,10 @@ class ScheduledKeyframes:
 
 
 def keyframe_policy(name: str = "similarity", threshold: float = 0.95, interval_frames: int = 6,
-                    per_sample: bool = True) -> KeyframePolicy:
-    """Policy by name: similarity | uniform | always | never."""
+                    per_sample: bool = True, stride_chunks: int = 1) -> KeyframePolicy:
+    """Policy by name: similarity (candidates every `stride_chunks` chunks) | uniform | always | never."""
     if name == "similarity":
-        return SimilarityKeyframes(threshold, per_sample)
+        return SimilarityKeyframes(threshold, per_sample, stride_chunks)
     if name == "uniform":
         return UniformKeyframes(interval_frames)
     if name == "always":
@@ -237,9 +286,10 @@ class SlotLayout:
         return ops
 
     def can_consolidate(self, start: int) -> bool:
+        """Past warm-up, with a slow memory, and not yet consolidated for this chunk (the keyframe policy decides
+        the rest, the similarity rule's stride included)."""
         cfg = self.cfg
-        return (cfg.slow > 0 and self.consolidated_start != start and start >= cfg.warmup
-                and (start // cfg.frames_per_chunk) % cfg.consolidation_stride_chunks == 0)
+        return cfg.slow > 0 and self.consolidated_start != start and start >= cfg.warmup
 
     def consolidate(self, start: int) -> list[SlotOp]:
         """Copy the chunk's first frame(s) into the slow memory: fill slot sink + c, or roll out the oldest."""
@@ -284,17 +334,22 @@ class SlotLayout:
         return self._apply(ops, start)
 
 
-def simulate_slots(config: MemoryConfig, num_frames: int, keyframe: Callable[[int], bool],
+def simulate_slots(config: MemoryConfig, num_frames: int, keyframe: Callable[[int], bool] | None = None,
                    calls_per_chunk: int = 5) -> list[list[int]]:
     """The slot bookkeeping alone: each slot's source frame (−1 empty) after every chunk.
 
-    `keyframe(chunk_index)` forces the keyframe decision; warm-up, stride and the once-per-chunk guard of `config`
-    still apply. Each chunk gets `calls_per_chunk` forward calls (4 denoising steps + the commit pass); with
-    `consolidation_source="commit_pass"` the decision is taken on the last one.
+    `keyframe(chunk_index)` forces the keyframe decision in place of the config's rule; warm-up and the
+    once-per-chunk guard still apply. Without it the config's rule decides as it would with no similarity
+    reference, i.e. the similarity rule fires on every candidate chunk (its upper bound). Each chunk gets
+    `calls_per_chunk` forward calls (4 denoising steps + the commit pass); with `consolidation_source="commit_pass"`
+    the decision is taken on the last one.
     """
     n = config.frames_per_chunk
     if num_frames % n:
         raise ValueError(f"num_frames ({num_frames}) must be a multiple of frames_per_chunk ({n})")
+    if keyframe is None:
+        policy = config.keyframe_policy()
+        keyframe = lambda chunk: bool(policy.decide(chunk * n, chunk, torch.zeros(1, 1), None)[0])  # noqa: E731
     layout = SlotLayout(config)
     timeline = []
     for chunk, start in enumerate(range(0, num_frames, n)):
@@ -319,19 +374,20 @@ class _LayerState:
     keys: Tensor | None = None  # [B, slots, S, H, D]
     values: Tensor | None = None
     reference: Tensor | None = None  # [B, H*D] descriptor to compare the next decision with
-    pending: list = field(default_factory=list)  # consolidations to apply after this call's read
+    pending: list[int] = field(default_factory=list)  # samples whose consolidation applies when the call ends
 
 
 class SlowFastMemory:
     """The per-layer K/V slots of a causal DiT, implementing `cf.models.kv_cache.KVCache`.
 
-    Create one per video (or rollout); `reset()` empties it. Every write is detached.
+    Create one per video (or rollout); `reset()` empties it. Every write is detached. `keyframes` replaces the
+    config's keyframe rule (tests, notebooks).
     """
 
     def __init__(self, config: MemoryConfig, num_layers: int, keyframes: KeyframePolicy | None = None) -> None:
         self.config = config
         self.num_layers = num_layers
-        self.keyframes = keyframes or SimilarityKeyframes(per_sample=config.per_sample_decisions)
+        self.keyframes = keyframes or config.keyframe_policy()
         self.reset()
 
     def reset(self) -> None:
@@ -366,20 +422,31 @@ class SlowFastMemory:
         if cfg.consolidation_source == "first_firing_call":
             for b in range(batch):
                 if fire[b]:
-                    self._apply(state, b, state.layouts[b].consolidate(start), keys, values)
+                    self._apply(state, b, state.layouts[b].consolidate(start), keys[b], values[b])
         for b in range(batch):
-            self._apply(state, b, state.layouts[b].write_chunk(start, n), keys, values)
+            self._apply(state, b, state.layouts[b].write_chunk(start, n), keys[b], values[b])
 
         window = self._window(state, start, n, keys)
         if cfg.consolidation_source == "commit_pass":
-            for b in range(batch):  # after the read: the chunk never attends to its own copy
-                if fire[b]:
-                    self._apply(state, b, state.layouts[b].consolidate(start), keys, values)
+            # applied in end_call, after every layer has read its window: the chunk never attends to its own copy
+            state.pending = [b for b in range(batch) if fire[b]]
         if cfg.similarity_reference == "previous_call" or commit:
             state.reference = descriptor
         return window
 
     def end_call(self) -> None:
+        """Apply the consolidations this call decided (commit-pass source): copied from the chunk's own slots,
+        which hold this call's keys/values."""
+        if self._call is None:
+            raise RuntimeError("end_call() without begin_call()")
+        start, n, _ = self._call
+        for state in self.layers or []:
+            for b in state.pending:
+                layout = state.layouts[b]
+                own = slice(layout.length - n, layout.length)  # the chunk's slots, written by this call
+                keys, values = state.keys[b, own].clone(), state.values[b, own].clone()
+                self._apply(state, b, layout.consolidate(start), keys, values)
+            state.pending = []
         self._call = None
         self.calls += 1
 
@@ -408,13 +475,14 @@ class SlowFastMemory:
 
     @staticmethod
     def _apply(state: _LayerState, b: int, ops: list[SlotOp], keys: Tensor, values: Tensor) -> None:
+        """Apply slot operations to sample b's storage; keys/values [n, S, H, D]: the current chunk's frames."""
         for kind, a, src, count in ops:
             if kind == "move":
                 state.keys[b, a : a + count] = state.keys[b, src : src + count].clone()
                 state.values[b, a : a + count] = state.values[b, src : src + count].clone()
             else:
-                state.keys[b, a : a + count] = keys[b, src : src + count]
-                state.values[b, a : a + count] = values[b, src : src + count]
+                state.keys[b, a : a + count] = keys[src : src + count]
+                state.values[b, a : a + count] = values[src : src + count]
 
     def _window(self, state: _LayerState, start: int, n: int, keys: Tensor) -> KVWindow:
         """Context = slots [0, L − n) (the chunk's own slots are the last n); positions per §D."""
@@ -445,6 +513,23 @@ class SlowFastMemory:
         if self.layers is None:
             return [-1] * (self.config.capacity or 0)
         return list(self.layers[layer].layouts[sample].frames)
+
+    def consensus_slot_frames(self, sample: int = 0) -> list[int]:
+        """Per slot, the source frame held there by the most layers (ties: the newest frame), for one sample.
+
+        Layers take keyframe decisions on their own keys, so their slow memories can differ; a reader that needs
+        one sequence of frames for all layers (the `teacher_context="memory"` teacher, §I.4) uses this table. It
+        equals every layer's table when the layers agree."""
+        if self.layers is None:
+            return [-1] * (self.config.capacity or 0)
+        tables = [state.layouts[sample].frames for state in self.layers]
+        consensus = []
+        for held in zip(*tables):
+            counts: dict[int, int] = {}
+            for frame in held:
+                counts[frame] = counts.get(frame, 0) + 1
+            consensus.append(max(counts, key=lambda frame: (counts[frame], frame)))
+        return consensus
 
     def nbytes(self) -> int:
         """Bytes held by the K/V tensors of all layers."""

@@ -43,3 +43,12 @@ def test_student_checkpoint_without_ema_falls_back_to_generator_weights(tmp_path
     loaded = read_student_weights(tmp_path / "last.ckpt")
     assert loaded.keys() == model.state_dict().keys()
     assert "no EMA callback state" in capsys.readouterr().out
+
+
+def test_spec_reads_the_keyframe_rule_of_older_exports_into_the_memory():
+    old = {"frames_per_chunk": 3, "memory": {"sink": 3, "slow": 12, "fast": 6},
+           "keyframes": {"policy": "uniform", "threshold": 0.9, "interval_frames": 3}}
+    config = GeneratorSpec.from_dict(old).memory_config()
+    assert (config.keyframes, config.threshold, config.keyframe_interval_frames) == ("uniform", 0.9, 3)
+    assert GeneratorSpec.from_dict(old).memory_config(keyframes="never").keyframes == "never"
+    assert GeneratorSpec.from_dict(old).memory_config("sliding").slow == 0

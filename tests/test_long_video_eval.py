@@ -357,7 +357,7 @@ def test_memory_override_and_module_check(teacher_file):
     assert StudentGeneration.from_module(module, "sliding").memory == MemoryConfig.sliding(frames_per_chunk=3)
     custom = StudentGeneration.from_module(module, {"sink": 3, "slow": 0, "fast": 9})
     assert (custom.memory.slow, custom.memory.fast, custom.memory.frames_per_chunk) == (0, 9, 3)
-    assert custom.keyframes.threshold == module.keyframe_policy.threshold
+    assert custom.memory.keyframes == "similarity" and custom.memory.threshold == 0.95
     assert StudentGeneration.from_module(module).num_latent_frames(SECONDS) == 9
     with pytest.raises(ValueError, match="MemoryConfig fields"):
         StudentGeneration.from_module(module, {"slots": 3})

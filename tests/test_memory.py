@@ -45,9 +45,9 @@ def test_simulated_timelines_match_spec_tables(source):
     assert simulate_slots(toy_b, 12, lambda c: c % 2 == 0)[8] == [0, 6, 8, 7, 8]
 
 
-def test_stride_two_consolidates_every_other_chunk():
+def test_similarity_stride_two_makes_every_other_chunk_a_candidate():
     cfg = MemoryConfig(consolidation_stride_chunks=2)
-    tl = simulate_slots(cfg, 60, lambda c: True)
+    tl = simulate_slots(cfg, 60)  # the similarity rule with no reference: every candidate fires
     assert tl[19][3:12] == [6, 12, 18, 24, 30, 36, 42, 48, 54]
 
 
@@ -192,11 +192,22 @@ def test_stream_is_seeded_and_memory_is_bounded():
     b = torch.cat(list(stream(model, text, 30, (4, 4), seed=7)), dim=2)
     c = torch.cat(list(stream(model, text, 30, (4, 4), seed=8)), dim=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    memory = SlowFastMemory(MemoryConfig(), model.config.num_layers)
-    sizes = []
-    for _ in stream(model, text, 90, (4, 4), memory=memory):
-        sizes.append(memory.nbytes())
-    assert sizes[-1] == sizes[7] and len(set(sizes)) == 1  # preallocated, constant per chunk
+    # bounded: a chunk's context never exceeds the 18 frames before it, however long the video (§G)
+    for preset, bound in (("slow_fast", 18), ("full", None)):
+        memory = SlowFastMemory(MemoryConfig.preset(preset), model.config.num_layers)
+        context_frames = []
+        original = memory.update
+
+        def spy(layer, k, v, original=original, context_frames=context_frames):
+            window = original(layer, k, v)
+            context_frames.append(window.keys.shape[1] // 4)  # 4 tokens per frame (2x2 grid)
+            return window
+
+        memory.update = spy
+        list(stream(model, text, 90, (4, 4), memory=memory))
+        per_chunk = context_frames[:: 5 * model.config.num_layers]
+        grown = [min(start, bound) if bound else start for start in range(0, 90, 3)]
+        assert per_chunk == grown
 
 
 def test_presets_and_validation():

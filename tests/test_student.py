@@ -189,7 +189,9 @@ def test_gradient_checkpointing_gives_identical_generator_grads(teacher_file):
         grads.append({name: p.grad.clone() for name, p in module.generator.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-10, msg=name)
+        # identical up to float32 rounding of sums, which is relative to the largest gradient entry
+        scale = float(grads[0][name].abs().max())
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_draws_are_a_function_of_seed_and_step(teacher_file):
@@ -397,8 +399,8 @@ def test_memory_teacher_context_is_the_students_memory_at_the_target(teacher_fil
     `fast` frames, read from the rollout itself (every chunk a keyframe: the slot table is predictable)."""
     from cf.memory import simulate_slots
 
-    memory = MemoryConfig(sink=1, slow=2, fast=3, frames_per_chunk=3, rope_length=6, consolidation_stride_chunks=1)
-    module = make_student(teacher_file, stage=2, memory=memory, keyframes="always", teacher_context="memory",
+    memory = MemoryConfig(sink=1, slow=2, fast=3, frames_per_chunk=3, rope_length=6, keyframes="always")
+    module = make_student(teacher_file, stage=2, memory=memory, teacher_context="memory",
                           context_window=6, rollout=RolloutConfig(min_blocks=6, max_blocks=6, grad_window_frames=3))
     module.setup("fit")
     frames = {}

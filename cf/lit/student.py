@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from cf.diffusion import add_noise, flow_to_x0, sample_dmd_timesteps
 from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder, resolve_dtype
 from cf.losses import classifier_free_guidance, critic_flow_loss, dmd_generator_loss
-from cf.memory import KeyframePolicy, MemoryConfig, keyframe_policy
+from cf.memory import MemoryConfig
 from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
 from cf.optim import lr_lambda
 from cf.rollout import (
@@ -267,14 +267,15 @@ class CDMDStudent(pl.LightningModule):
         encoder_dtype: dtype of the real encoders.
         latent_size: (h, w) of the latents the student generates; fps: frame rate of the decoded videos.
         negative_prompt: the unconditional prompt of the teacher's CFG (embedded once, cached).
-        memory: the student's K/V memory (`MemoryConfig` fields or a preset name; default ``slow_fast``).
-        keyframes / keyframe_threshold / keyframe_interval_frames: the keyframe policy (`cf.memory.keyframe_policy`).
+        memory: the student's K/V memory, keyframe rule included (`MemoryConfig` fields or a preset name; default
+            ``slow_fast``).
         rollout: rollout length (blocks, linear cap over ``decay_steps`` trainer steps), grad window and the
             few-step sampling (`RolloutConfig`; default: 7 blocks = 21 frames, last 18 with grad).
         context_window / target_window: frames of the teacher window (§F.5): stage 1 0 / 21, stage 2 21 / 21.
         context_teacher / context_fake: whether the real / fake score sees the context (§I.10).
         teacher_context: ``"contiguous"`` (the frames before the target, §I.4 default) or ``"memory"`` (the
-            student's memory when the target starts: sink and slow slots of layer 0's slot table, then the last
+            student's memory when the target starts: the sink and slow slots of the memory's consensus slot table
+            (per slot, the frame most layers hold: layers decide keyframes on their own keys), then the last
             ``memory.fast`` frames; context_window must equal sink + slow + fast).
         reencode_image_latent: make the window's first frame by decoding the prefix and re-encoding its last pixel
             frame (§F.5); False uses the prefix's last latent as is (exact for the toy autoencoder).
@@ -311,9 +312,6 @@ class CDMDStudent(pl.LightningModule):
         fps: int = 16,
         negative_prompt: str = NEGATIVE_PROMPT,
         memory: MemoryConfig | str = "slow_fast",
-        keyframes: Literal["similarity", "uniform", "always", "never"] = "similarity",
-        keyframe_threshold: float = 0.95,
-        keyframe_interval_frames: int = 6,
         rollout: RolloutConfig | None = None,
         context_window: int = 0,
         target_window: int = 21,
@@ -370,8 +368,6 @@ class CDMDStudent(pl.LightningModule):
                             rollout=dataclasses.asdict(self.rollout_config),
                             latent_size=list(latent_size), generator_betas=list(generator_betas),
                             critic_betas=list(critic_betas))
-        self.keyframe_policy: KeyframePolicy = keyframe_policy(
-            keyframes, keyframe_threshold, keyframe_interval_frames, self.memory_config.per_sample_decisions)
         # placeholders until `configure_model` (callbacks such as EMA look the generator up in their `setup`)
         self.generator: CausalWanDiT | nn.Module = nn.Module()
         self.critic: WanDiT | nn.Module = nn.Module()
@@ -573,12 +569,12 @@ class CDMDStudent(pl.LightningModule):
         num_frames = blocks * hp.frames_per_chunk
         text = self.embed(captions)
         noise = self._rank_generator(step, phase, micro)
-        cache = make_memory(generator, self.memory_config, self.keyframe_policy)
+        cache = make_memory(generator, self.memory_config)
         memory_slots: list[list[int]] = []
 
         def remember_slots(end_frame: int, memory: Any) -> None:  # the memory as the target window starts
             if end_frame == num_frames - hp.target_window:
-                memory_slots[:] = [memory.slot_frames(0, b) for b in range(len(captions))]
+                memory_slots[:] = [memory.consensus_slot_frames(b) for b in range(len(captions))]
 
         use_memory = hp.teacher_context == "memory"
         with torch.set_grad_enabled(grad):
@@ -751,8 +747,7 @@ class CDMDStudent(pl.LightningModule):
         sampling = self.rollout_config.sampling
         latents = torch.cat(list(stream(generator, text, hp.val_num_frames, tuple(hp.latent_size),
                                         memory=self.memory_config, sampling=sampling,
-                                        seed=_seed(hp.val_seed, batch_idx) % (1 << 31),
-                                        keyframes=self.keyframe_policy)), dim=2)
+                                        seed=_seed(hp.val_seed, batch_idx) % (1 << 31))), dim=2)
         with torch.no_grad():
             videos = self.autoencoder.decode(latents.float()).cpu()
         self.log("val/latent_std", latents.float().std(), batch_size=len(captions), sync_dist=True)
@@ -808,8 +803,6 @@ class CDMDStudent(pl.LightningModule):
             "memory": dataclasses.asdict(self.memory_config),
             "sampling": {"denoising_steps": list(sampling.denoising_steps), "shift": sampling.shift,
                          "warp": sampling.warp, "commit_noise_sigma": sampling.commit_noise_sigma},
-            "keyframes": {"policy": hp.keyframes, "threshold": hp.keyframe_threshold,
-                          "interval_frames": hp.keyframe_interval_frames},
         }
 
     def _ema_callback(self) -> Any | None:

@@ -8,6 +8,17 @@ choose positions (absolute, or bounded slot indices as in the Slow-Fast Memory o
 
 The chunk's own keys/values are not part of the returned context: the model concatenates the live (grad-carrying)
 tensors itself, which is what lets gradient flow through the current chunk while every cache write stays detached.
+
+The window contract (every cache honours it):
+- A window returned by `update(layer, ...)` may be a view of the cache's storage. From that `update` until
+  `end_call()` the cache must not write into the storage that window covers: every layer of one call reads the
+  cache as it was when that call's own writes (the chunk's own slots, an eviction on its first call) were made.
+- A change the current call must not see (a consolidation decided on the commit pass, say) is queued and applied
+  in `end_call()`, after every layer has read its window. So every call on one chunk (the denoising steps and the
+  commit pass) reads the same context, except for what the cache deliberately changes on a call's own behalf
+  before the read (the released code's first-firing-call consolidation).
+- After `end_call()` an old window may change: a consumer that keeps one past the call (a checkpointed block
+  recomputed in backward) must copy it first (the model does).
 """
 
 from __future__ import annotations
