@@ -6,8 +6,9 @@ drift: residuals of past predictions are harvested into banks bucketed by timest
 and recycled as perturbations of the target noise, the target latent and the context (`ErrorInjector`). The training
 target stays ``noise_used − clean x0`` ("self-correcting").
 
-Layouts (§E.2, positions contiguous §D.3): `dense_layout` splits a latent clip into ``[context | target]``;
-`long_layout` builds ``[sink | sparse | motion | target]`` from a pixel clip through the autoencoder;
+Layouts (§E.2, positions contiguous §D.3): `dense_layout` splits a latent clip into ``[context | target]`` (the
+context may be empty: a plain target); `long_layout` builds ``[sink | sparse | motion | target]`` from a pixel clip
+(or from only the pixel frames it reads, `LongLayoutPlan.pixel_frames`) through the autoencoder;
 `long_layout_from_latents` is its latent-index approximation for pre-encoded clips.
 
 Latents are ``[B, C, T, h, w]``, pixels ``[B, 3, T, H, W]``; σ = t / 1000.
@@ -698,21 +699,24 @@ def _segments(lengths: Sequence[tuple[str, int]]) -> dict[str, slice]:
     return segments
 
 
-def dense_layout(latents: Tensor, num_context: int | None = None, temporal_factor: int = 4) -> TeacherLayout:
+def dense_layout(latents: Tensor, num_context: int | None = None, temporal_factor: int = 4,
+                 first_frame: int = 0) -> TeacherLayout:
     """``[context | target]`` from a latent clip ``[B, C, T, h, w]`` split at ``num_context`` (default T // 2).
 
-    Source pixel frames assume the clip was encoded from its pixel frame 0. Context errors go to the whole context.
+    ``num_context = 0`` gives a plain target without context (what a stage-1 student asks the teacher to score).
+    Source pixel frames assume the clip was encoded from pixel frame ``first_frame`` of its video. Context errors go
+    to the whole context.
     """
     if latents.dim() != 5:
         raise ValueError(f"latents must be [B, C, T, h, w], got shape {tuple(latents.shape)}")
     total = latents.shape[2]
     num_context = total // 2 if num_context is None else num_context
-    if not 0 < num_context < total:
-        raise ValueError(f"num_context must lie in [1, {total - 1}] for a {total}-frame latent clip, got {num_context}")
+    if not 0 <= num_context < total:
+        raise ValueError(f"num_context must lie in [0, {total - 1}] for a {total}-frame latent clip, got {num_context}")
     return TeacherLayout(
         latents=latents,
         segments=_segments([("context", num_context), ("target", total - num_context)]),
-        source_pixel_frames=tuple(_clip_latent_frames(i, temporal_factor) for i in range(total)),
+        source_pixel_frames=tuple(_clip_latent_frames(i, temporal_factor, first_frame) for i in range(total)),
         context_error_segment="context",
     )
 
@@ -766,6 +770,13 @@ class LongLayoutPlan:
         motion_target = [_clip_latent_frames(i, f, self.motion_target_frames.start)
                          for i in range(1, 1 + c.motion_latents + c.target_latents)]
         return tuple(sink + sparse + motion_target)
+
+    def pixel_frames(self) -> tuple[int, ...]:
+        """Every pixel frame the layout reads, ascending (sink, snippets, motion + target with its leading frame)."""
+        frames = {*self.sink_frames, *self.motion_target_frames}
+        for snippet in self.sparse_snippets:
+            frames.update(snippet)
+        return tuple(sorted(frames))
 
 
 def _long_min_pixel_frames(config: LongLayoutConfig, temporal_factor: int) -> int:
@@ -829,19 +840,42 @@ def _encode_checked(autoencoder: VideoEncoder, video: Tensor, expected_latents: 
     return latents
 
 
-def long_layout(video: Tensor, autoencoder: VideoEncoder, config: LongLayoutConfig | None = None) -> TeacherLayout:
+def long_layout(video: Tensor, autoencoder: VideoEncoder, config: LongLayoutConfig | None = None,
+                frame_index: Sequence[int] | Tensor | None = None) -> TeacherLayout:
     """``[sink | sparse | motion | target]`` from a pixel clip ``[B, 3, N, H, W]`` (§E.2, `long_layout_plan`).
 
-    Each part is encoded on its own (no grad); context errors go to the motion latents only.
+    Without ``frame_index`` the video is the whole clip, pixel frames ``0 … N − 1``. With it (``[N]`` ascending
+    pixel-frame numbers of the clip, the last one being its last frame) the video holds only those frames, which
+    must be exactly the plan's `LongLayoutPlan.pixel_frames` for a clip ending there (what a data pipeline decodes
+    to avoid reading the whole clip). Each part is encoded on its own (no grad); context errors go to the motion
+    latents only.
     """
     config = config or LongLayoutConfig()
     if video.dim() != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be pixels [B, 3, N, H, W], got shape {tuple(video.shape)}")
     temporal_factor = int(getattr(autoencoder, "temporal_factor", 4))
-    plan = long_layout_plan(video.shape[2], config, temporal_factor)
+    if frame_index is None:
+        plan = long_layout_plan(video.shape[2], config, temporal_factor)
+        position = None
+    else:
+        held = [int(i) for i in torch.as_tensor(frame_index).reshape(-1).tolist()]
+        if len(held) != video.shape[2]:
+            raise ValueError(f"frame_index names {len(held)} pixel frames but the video holds {video.shape[2]}")
+        plan = long_layout_plan(held[-1] + 1, config, temporal_factor)
+        needed = list(plan.pixel_frames())
+        if held != needed:
+            raise ValueError(
+                f"the clip holds pixel frames {_frame_ranges(held)} but the long layout {config} of a clip ending at "
+                f"frame {held[-1]} reads {_frame_ranges(needed)}; the data's long_layout (data.teacher_clips) must "
+                "equal the model's long_layout"
+            )
+        position = {frame: i for i, frame in enumerate(held)}
 
     def frames(r: range) -> Tensor:
-        return video[:, :, r.start:r.stop]
+        if position is None:
+            return video[:, :, r.start:r.stop]
+        start = position[r.start]
+        return video[:, :, start:start + len(r)]  # held frames are ascending and hold all of r
 
     with torch.no_grad():
         sink = _encode_checked(autoencoder, frames(plan.sink_frames), config.sink_latents, "sink")
@@ -857,6 +891,18 @@ def long_layout(video: Tensor, autoencoder: VideoEncoder, config: LongLayoutConf
         source_pixel_frames=plan.source_pixel_frames(),
         context_error_segment="motion",
     )
+
+
+def _frame_ranges(frames: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 6]`` -> ``"0-2, 5-6"`` for error messages."""
+    parts, start = [], None
+    for i, frame in enumerate(frames):
+        if start is None:
+            start = frame
+        if i + 1 == len(frames) or frames[i + 1] != frame + 1:
+            parts.append(f"{start}" if start == frame else f"{start}-{frame}")
+            start = None
+    return ", ".join(parts) or "none"
 
 
 def long_layout_from_latents(latents: Tensor, config: LongLayoutConfig | None = None,

@@ -7,14 +7,14 @@ Use it with ``Trainer(use_distributed_sampler=False)``: the streams split shards
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
-from data.clips import check_num_frames
+from data.clips import TeacherClipMix, check_num_frames
 from data.pipeline import EpochDataLoader, PromptFileStream, ShardStream, StreamConfig, read_prompt_file
 
 __all__ = ["VideoDataModule", "expand_shard_urls", "check_shards_exist"]
@@ -65,7 +65,14 @@ class VideoDataModule(pl.LightningDataModule):
         random frame (``clip_start="random"``) or at 0 (``"start"``; always for validation). Videos shorter than
         ``max(num_frames, min_frames)`` after resampling are skipped (the long teacher needs ``min_frames >= 160``).
         ``num_frames=None`` takes whole videos of any length (at most ``max_frames``, placed like a clip), one per
-        batch, for the long teacher's layouts.
+        batch. With ``teacher_clips`` (needs ``num_frames=None``; :class:`data.clips.TeacherClipMix` as a mapping:
+        ``{kinds: [{layout: long, weight: 0.5}, {layout: dense, weight: 0.5, context_latents: 21,
+        target_latents: 21}], long_layout: {...}}``) each sample is one teacher clip drawn from the mix (the video
+        truncated to ``max_frames``): only the frames its layout reads are decoded, and the batch also carries
+        ``"frame_index"`` (long ``[1, N]``: their pixel-frame numbers in the video), ``"layout"`` and
+        ``"context_latents"`` for ``TeacherERFT(layout="batch")``. Sequence lengths differ from sample to sample,
+        so batches hold one clip (batch 1 per GPU, as the paper); more clips per step come from more GPUs or
+        gradient accumulation.
       * ``latents``: ``{key}.latent.pth`` ``[C,T,h,w]`` + ``{key}.text.pth`` ``[L,D]`` + ``{key}.txt`` ->
         ``{"latents": [B,C,T,h,w], "text": [B,L,D] zero-padded, "caption", "key"}``; ``latent_frames`` crops T.
         Text embeddings are zero-padded to ``text_length``, else to the ``text_length`` stored in ``{key}.json``,
@@ -110,6 +117,7 @@ class VideoDataModule(pl.LightningDataModule):
         split_by_node: bool = True,
         split_by_worker: bool = True,
         seed: int = 0,
+        teacher_clips: dict[str, Any] | None = None,
         persistent_workers: bool = False,
         pin_memory: bool = False,
     ) -> None:
@@ -145,6 +153,10 @@ class VideoDataModule(pl.LightningDataModule):
             raise ValueError("num_frames=None (whole videos of varying length) needs batch_size=1 and val_batch_size=1")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+        clip_mix = None if teacher_clips is None else TeacherClipMix.from_config(teacher_clips)
+        if clip_mix is not None and (mode != "video" or num_frames is not None):
+            raise ValueError(f"teacher_clips needs mode='video' and num_frames=None (each clip's length comes from "
+                             f"its layout), got mode={mode!r}, num_frames={num_frames}")
         self.save_hyperparameters()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.mode, self.prompt_file, self.val_prompt_file = mode, prompt_file, val_prompt_file
@@ -155,7 +167,7 @@ class VideoDataModule(pl.LightningDataModule):
             max_frames=max_frames, height=int(height), width=int(width),
             fps=float(fps), max_upscale=max_upscale, latent_frames=latent_frames,
             latent_size=tuple(latent_size) if latent_size is not None else None, text_length=text_length,
-            split_by_node=split_by_node, split_by_worker=split_by_worker, seed=int(seed),
+            split_by_node=split_by_node, split_by_worker=split_by_worker, seed=int(seed), teacher_clips=clip_mix,
         )
         self.train_config = StreamConfig(
             batch_size=self.batch_size, drop_last=True, clip_start=clip_start, shuffle_buffer=int(shuffle_buffer),

@@ -6,7 +6,9 @@ DataLoader with ``batch_size=None``). Every batch carries ``batch["skipped"]``: 
 skipped since its previous batch. Skips after a worker's last batch are reported by a log warning instead.
 
 Randomness is a pure function of (seed, epoch, rank, worker) and, for clip starts, of (seed, epoch, shard, key), so
-seeded runs repeat exactly and each epoch differs. The epoch comes from :meth:`set_epoch` (called by
+seeded runs repeat exactly and each epoch differs. Teacher clips (``teacher_clips``, :class:`data.clips.TeacherClipMix`)
+are drawn per (seed, epoch, shard, key) too; with ``clip_start="start"`` (validation) per (seed, shard, key) only, so
+every validation pass reads the same clips. The epoch comes from :meth:`set_epoch` (called by
 :class:`EpochDataLoader` at every new iteration) plus the number of iterations a persistent worker has run.
 """
 
@@ -29,7 +31,7 @@ from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
 from cf.video_io import decode_mp4, probe_mp4
-from data.clips import cover_scale, resample_indices, resize_cover_crop
+from data.clips import TeacherClipMix, cover_scale, resample_indices, resize_cover_crop
 
 __all__ = [
     "SKIP_REASONS",
@@ -48,7 +50,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing_video",  # no {key}.mp4
     "corrupt_video",  # the mp4 does not decode, or ends early
     "missing_caption",  # no {key}.txt, or it is empty / not UTF-8
-    "too_short",  # fewer frames (after fps resampling) than num_frames / min_frames, or latents than latent_frames
+    "too_short",  # fewer frames (after fps resampling) than num_frames / min_frames / any teacher clip needs, or
+    #               fewer latents than latent_frames
     "wrong_size",  # frame or latent / text-embedding shape not usable for the configured batch
     "missing_latent",  # no {key}.latent.pth
     "missing_text",  # no {key}.text.pth
@@ -122,6 +125,7 @@ class StreamConfig:
     split_by_node: bool = True
     split_by_worker: bool = True
     seed: int = 0
+    teacher_clips: TeacherClipMix | None = None
 
 
 def _stream_seed(*parts: Any) -> str:
@@ -233,17 +237,33 @@ class ShardStream(_EpochAware, IterableDataset):
             if scale > cfg.max_upscale:
                 counter.skip("wrong_size", sample, f"{info.height}x{info.width} needs upscaling x{scale:.2f}")
                 return None
-        length = cfg.num_frames or min(len(indices), cfg.max_frames or len(indices))
-        start = 0
-        if cfg.clip_start == "random":
-            rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
-            start = rng.randint(0, len(indices) - length)
+        extra: dict[str, Any] = {}
+        if cfg.teacher_clips is not None:
+            usable = min(len(indices), cfg.max_frames or len(indices))
+            draw_epoch = epoch if cfg.clip_start == "random" else "fixed"
+            rng = random.Random(_stream_seed(cfg.seed, "teacher-clip", draw_epoch, sample.get("__url__"),
+                                             sample["__key__"]))
+            clip = cfg.teacher_clips.draw(usable, rng)
+            if clip is None:
+                needed = min(cfg.teacher_clips.min_frames(k) for k in cfg.teacher_clips.kinds if k.weight > 0)
+                counter.skip("too_short", sample, f"{usable} frames at {cfg.fps:g} fps, the teacher clips need "
+                                                  f">= {needed}")
+                return None
+            chosen = indices[list(clip.frame_index)]
+            extra = {"frame_index": clip.frame_index, "layout": clip.layout, "context_latents": clip.context_latents}
+        else:
+            length = cfg.num_frames or min(len(indices), cfg.max_frames or len(indices))
+            start = 0
+            if cfg.clip_start == "random":
+                rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
+                start = rng.randint(0, len(indices) - length)
+            chosen = indices[start : start + length]
         try:
-            frames, _ = decode_mp4(data, indices[start : start + length])
+            frames, _ = decode_mp4(data, chosen)
         except Exception as exn:
             counter.skip("corrupt_video", sample, repr(exn)[:200])
             return None
-        return {"video": resize_cover_crop(frames, cfg.height, cfg.width)}
+        return {"video": resize_cover_crop(frames, cfg.height, cfg.width), **extra}
 
     def _decode_latents(self, sample: dict, counter: SkipCounter, epoch: int) -> dict | None:
         cfg = self.config
@@ -333,6 +353,10 @@ class ShardStream(_EpochAware, IterableDataset):
         }
         if self.config.mode == "video":
             batch["video"] = torch.stack([item["video"] for item in items])
+            if self.config.teacher_clips is not None:  # one clip per batch (the module enforces batch_size 1)
+                batch["frame_index"] = torch.tensor([item["frame_index"] for item in items], dtype=torch.long)
+                batch["layout"] = [item["layout"] for item in items]
+                batch["context_latents"] = [item["context_latents"] for item in items]
         elif self.config.mode == "latents":
             batch["latents"] = torch.stack([item["latents"] for item in items])
             length = self.config.text_length

@@ -1,4 +1,5 @@
-"""The teacher YAMLs parse and instantiate; the toy one trains a couple of steps through `cf fit` and exports."""
+"""The teacher YAMLs parse and instantiate; the real-scale one trains on every sequence the student stages ask the
+teacher to score; the toy one trains a couple of steps through `cf fit` and exports."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from safetensors.torch import load_file
@@ -16,9 +19,12 @@ from safetensors.torch import load_file
 from callbacks.data_health import SkippedSamplesLogger
 from callbacks.video_logger import VideoLogger
 from cf.cli import main as cf_main
-from cf.erft import LongLayoutConfig
+from cf.encoders import HashedTextEncoder, ToyAutoencoder
+from cf.erft import LongLayoutConfig, TeacherLayout
 from cf.lit.teacher import TeacherERFT
 from cf.models.wan import WanConfig, WanDiT
+from cf.rollout import teacher_window
+from cf.video_io import encode_mp4
 from data import VideoDataModule
 from data.synthetic import write_synthetic_shards
 
@@ -93,6 +99,110 @@ def test_wan_config_strategy_instantiates() -> None:
     strategy = DeepSpeedStrategy(**spec["init_args"])
     assert strategy.config["zero_optimization"]["stage"] == 2
     assert strategy.config["train_micro_batch_size_per_gpu"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real-scale teacher is trained on the sequences the student stages ask it to score
+# ----------------------------------------------------------------------------------------------------------------------
+
+STUDENT_WAN = {stage: REPO / "configs" / "wan1.3b" / f"student_stage{stage}.yaml" for stage in (1, 2)}
+
+
+def signature(kind: str, layout: TeacherLayout) -> tuple[str, int, tuple[int, int], int]:
+    """(context structure, sequence length, first and last position, context length) of one teacher input."""
+    positions = layout.positions.tolist()
+    assert positions == list(range(positions[0], positions[-1] + 1))  # contiguous (§D.3)
+    return kind, len(positions), (positions[0], positions[-1]), layout.num_context_frames
+
+
+def wan_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *overrides: str) -> LightningCLI:
+    """The real-scale teacher YAML on this machine's hardware, with tiny stand-in encoders (no Wan weights here):
+    layouts only depend on the encoders' frame counts, which the toy autoencoder shares (4 frames per latent)."""
+    monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CF_WAN", str(tmp_path / "wan"))
+    monkeypatch.setattr("sys.argv", ["cf"])
+    cli = parse(WAN, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                *overrides)
+    cli.model._encoders.update(autoencoder=ToyAutoencoder(latent_channels=16, spatial_factor=8),
+                               text_encoder=HashedTextEncoder(dim=4096, max_length=4, vocab_size=8))
+    return cli
+
+
+def trained_teacher_inputs(cli: LightningCLI) -> set[tuple]:
+    """Every (structure, length, positions, context) the YAML's data mix feeds the YAML's teacher: one clip per
+    reachable layout shape (`TeacherClipMix.possible_clips`), laid out by `TeacherERFT.teacher_inputs`."""
+    mix = cli.datamodule.train_config.teacher_clips
+    assert mix is not None, "the teacher YAML must draw its clips from data.teacher_clips"
+    seen = set()
+    for clip in mix.possible_clips():
+        batch = {"video": torch.zeros(1, 3, len(clip.frame_index), 8, 8), "frame_index": torch.tensor([clip.frame_index]),
+                 "layout": [clip.layout], "context_latents": [clip.context_latents], "caption": ["a"]}
+        layout, _ = cli.model.teacher_inputs(batch)
+        seen.add(signature(clip.layout, layout))
+    return seen
+
+
+def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple:
+    """What the stage's YAML asks the teacher (real score) to score: the window `teacher_window` cuts from its longest
+    rollout, with the context only when ``context_teacher`` is on; the sequence is ``[context | target]``."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["cf"])
+    for name in ("CF_TEACHER", "CF_STUDENT_INIT", "CF_STUDENT_STAGE1", "CF_PROMPTS", "CF_VAL_PROMPTS"):
+        path = tmp_path / f"{name.lower()}.file"
+        path.write_text("placeholder\n")
+        monkeypatch.setenv(name, str(path))
+    (tmp_path / "wan").mkdir(exist_ok=True)
+    monkeypatch.setenv("CF_WAN", str(tmp_path / "wan"))
+    monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
+    hp = parse(STUDENT_WAN[stage], "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.strategy", "auto").model.hparams
+    assert hp.teacher_context == "contiguous", "only the contiguous teacher context maps to the dense layout"
+    rollout = hp.rollout
+    frames = torch.zeros(1, 16, rollout["max_blocks"] * hp.frames_per_chunk, 1, 1)
+    context, target = teacher_window(frames, hp.context_window, hp.target_window)
+    num_context = context.shape[2] if (context is not None and hp.context_teacher) else 0
+    length = num_context + target.shape[2]
+    return "dense", length, (0, length - 1), num_context
+
+
+def test_wan_teacher_is_trained_on_what_the_student_stages_score(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    trained = trained_teacher_inputs(wan_teacher(monkeypatch, tmp_path))
+    stage1 = student_teacher_call(1, monkeypatch, tmp_path)
+    stage2 = student_teacher_call(2, monkeypatch, tmp_path)
+    assert stage1 == ("dense", 21, (0, 20), 0)  # §F.2: stage 1 scores 21 frames without context
+    assert stage2 == ("dense", 42, (0, 41), 21)  # §F.5: [21 context | 21 target], positions 0…41
+    assert {stage1, stage2} <= trained
+    # and §E.2's long layout with every sparse count 2…12: [3 | k | 6 | 21]
+    assert {s for s in trained if s[0] == "long"} == {("long", 30 + k, (0, 29 + k), 9 + k) for k in range(2, 13)}
+
+
+def numbered_video_sample(key: str, seconds: float) -> dict[str, Any]:
+    frames = np.broadcast_to(np.arange(int(16 * seconds), dtype=np.uint8)[:, None, None, None] % 200,
+                             (int(16 * seconds), 16, 16, 3)).copy()
+    return {"__key__": key, "mp4": encode_mp4(frames, fps=16), "txt": f"caption of {key}"}
+
+
+def test_wan_teacher_data_pipeline_gives_only_those_inputs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = str(tmp_path / "videos.tar")
+    with wds.TarWriter(url) as writer:
+        for key, seconds in (("short", 9), ("ten", 10), ("fifteen", 15), ("thirty", 30)):
+            writer.write(numbered_video_sample(key, seconds))
+    cli = wan_teacher(monkeypatch, tmp_path, "--data.init_args.train_urls", url, "--data.init_args.val_urls", url,
+                      "--data.init_args.height", "8", "--data.init_args.width", "8",
+                      "--data.init_args.num_workers", "0", "--data.init_args.batches_per_epoch", "10")
+    trained = trained_teacher_inputs(cli)
+    data = cli.datamodule
+    assert (data.train_config.min_frames, data.train_config.num_frames) == (160, None)
+    data.setup("fit")
+    skipped = 0
+    for batch in data.train_dataloader():
+        skipped += batch["skipped"].get("too_short", 0)
+        layout, _ = cli.model.teacher_inputs(batch)
+        assert signature(batch["layout"][0], layout) in trained
+        if batch["layout"] == ["long"]:
+            assert batch["frame_index"][0, :9].tolist() == list(range(9))  # the sink: the video's first frames
+    assert skipped >= 1  # the 9 s video
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 import io
 import logging
+import random
+from collections import Counter
 from fractions import Fraction
 
 import numpy as np
@@ -11,7 +13,7 @@ import webdataset as wds
 
 from cf.video_io import encode_mp4
 from data import SKIP_REASONS, VideoDataModule
-from data.clips import cover_size, resample_indices, resize_cover_crop
+from data.clips import TeacherClipMix, cover_size, resample_indices, resize_cover_crop
 
 LEVEL0, LEVEL_STEP = 20, 3  # frame i of a test video is a flat gray of level 20 + 3 i
 
@@ -398,3 +400,143 @@ def test_configurable_from_yaml_through_jsonargparse(tmp_path):
     dm.setup("fit")
     (batch,) = collect(dm.train_dataloader())
     assert batch["key"] == ["a"] and batch["video"].shape == (1, 3, 5, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------------- teacher clips
+
+BASE, STEP = 48, 4  # frame i of a numbered video: top half 20 + 4 (i % 48), bottom half 20 + 4 (i // 48)
+PAPER_LONG = {"kinds": [{"layout": "long", "weight": 1.0}]}  # the §E.2 counts are LongLayoutConfig's defaults
+
+
+def numbered_video(num_frames, height=32, width=16):
+    """Long test videos (hundreds of frames): the frame number is written in two flat halves."""
+    i = np.arange(num_frames)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    frames[:, : height // 2] = (20 + STEP * (i % BASE))[:, None, None, None]
+    frames[:, height // 2:] = (20 + STEP * (i // BASE))[:, None, None, None]
+    return frames
+
+
+def numbered_frames(video):
+    """Frame numbers ``[B, T]`` of a batch video ``[B, 3, T, H, W]`` made from numbered_video."""
+    pixels = (video + 1) * 127.5
+    height = video.shape[3]
+    top = pixels[:, :, :, 2: height // 2 - 2].mean(dim=(1, 3, 4))
+    bottom = pixels[:, :, :, height // 2 + 2: -2].mean(dim=(1, 3, 4))
+    return (torch.round((top - 20) / STEP) + BASE * torch.round((bottom - 20) / STEP)).long()
+
+
+def numbered_sample(key, seconds, fps=16):
+    return {"__key__": key, "mp4": encode_mp4(numbered_video(int(seconds * fps)), fps=fps, crf=0),
+            "txt": f"caption of {key}"}
+
+
+def paper_long_clip(end):
+    """§E.2 in words for a clip of the video's frames 0 … end − 1: sink = frames 0–8, target = the last 84 frames,
+    motion = the 24 before (+1 leading frame), sparse = from the last 288 frames between sink and that leading frame,
+    a 5-frame snippet every 24 frames. Returns (frames read, number of sparse snippets)."""
+    leading = end - 84 - 24 - 1
+    region_start = max(9, leading - 288)
+    snippets = [list(range(s, s + 5)) for s in range(region_start, leading - 5 + 1, 24)]
+    frames = list(range(9)) + [f for s in snippets for f in s] + list(range(leading, end))
+    return frames, len(snippets)
+
+
+def test_teacher_clip_draws_follow_the_paper_rule():
+    mix = TeacherClipMix.from_config(PAPER_LONG)
+    rng = random.Random(0)
+    counts = {}
+    for seconds in (10, 15, 30, 60):
+        num_frames = 16 * seconds
+        counts[seconds] = Counter()
+        ends = []
+        for _ in range(1100):
+            clip = mix.draw(num_frames, rng)
+            end = clip.frame_index[-1] + 1
+            frames, sparse = paper_long_clip(end)
+            assert list(clip.frame_index) == frames and clip.layout == "long"
+            assert clip.context_latents == 3 + sparse + 6 and clip.target_latents == 21
+            counts[seconds][sparse] += 1
+            ends.append(end)
+        assert max(ends) <= num_frames and min(ends) >= 147  # 147 = the shortest clip with 2 sparse latents
+        if seconds == 60:
+            assert max(ends) > 900  # for the largest count every end up to the video's end can be drawn
+    assert set(counts[10]) == {2}  # 160 frames: only room for 2 snippets
+    assert set(counts[15]) == {2, 3, 4, 5}  # 240 frames: up to 5
+    assert set(counts[30]) == set(counts[60]) == set(range(2, 13))  # long enough for the 12 of §E.2
+    for seconds in (15, 30):  # every reachable count about equally often
+        share = 1 / len(counts[seconds])
+        assert all(abs(c / 1100 - share) < 0.05 for c in counts[seconds].values())
+    assert mix.draw(146, rng) is None
+
+
+def test_teacher_clip_mix_kinds_fit_the_video():
+    mix = TeacherClipMix.from_config({"kinds": [
+        {"layout": "long", "weight": 1.0},
+        {"layout": "dense", "weight": 1.0, "context_latents": 21, "target_latents": 21},
+        {"layout": "dense", "weight": 1.0, "context_latents": 0, "target_latents": 21}]})
+    rng = random.Random(1)
+    seen = Counter()
+    for num_frames in (100, 160, 200):
+        for _ in range(300):
+            clip = mix.draw(num_frames, rng)
+            seen[num_frames, clip.layout, clip.context_latents if clip.layout == "dense" else None] += 1
+            if clip.layout == "dense":
+                length = 1 + 4 * (clip.context_latents + clip.target_latents - 1)  # 165 or 81
+                start = clip.frame_index[0]
+                assert list(clip.frame_index) == list(range(start, start + length)) and start + length <= num_frames
+    assert {k[1:] for k in seen if k[0] == 100} == {("dense", 0)}  # 81 frames only
+    assert {k[1:] for k in seen if k[0] == 160} == {("long", None), ("dense", 0)}  # 165 > 160
+    assert {k[1:] for k in seen if k[0] == 200} == {("long", None), ("dense", 0), ("dense", 21)}
+    assert mix.draw(80, rng) is None
+    assert [(c.layout, c.context_latents, c.target_latents) for c in mix.possible_clips()] == \
+        [("long", 3 + k + 6, 21) for k in range(2, 13)] + [("dense", 21, 21), ("dense", 0, 21)]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        TeacherClipMix.from_config({"kinds": [{"layout": "sparse"}]})
+    with pytest.raises(ValueError, match="weight > 0"):
+        TeacherClipMix.from_config({"kinds": [{"layout": "long", "weight": 0.0}]})
+    with pytest.raises(ValueError, match="unknown teacher_clips keys"):
+        TeacherClipMix.from_config({"kinds": [{"layout": "long"}], "long": {}})
+
+
+def test_teacher_clips_from_videos_sink_from_the_start_and_short_videos_skipped(tmp_path):
+    url = write_tar(tmp_path / "t.tar", [numbered_sample("s09", 9), numbered_sample("s10", 10),
+                                         numbered_sample("s15", 15), numbered_sample("s30", 30)])
+    dm = VideoDataModule(train_urls=url, val_urls=url, num_frames=None, min_frames=160, height=32, width=16,
+                         num_workers=0, resampled=False, shuffle_buffer=0, teacher_clips=PAPER_LONG, seed=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    sparse_by_video, skipped = {}, Counter()
+    for _ in range(6):  # epochs: a new draw per video each time
+        for batch in collect(loader):
+            skipped.update(batch["skipped"])
+            (key,) = batch["key"]
+            index = batch["frame_index"][0]
+            assert batch["layout"] == ["long"] and batch["video"].shape[2] == len(index)
+            assert torch.equal(numbered_frames(batch["video"])[0], index)  # the decoded pixels are those frames
+            assert index[:9].tolist() == list(range(9))  # the sink: the video's first frames
+            frames, sparse = paper_long_clip(int(index[-1]) + 1)
+            assert index.tolist() == frames and batch["context_latents"] == [3 + sparse + 6]
+            sparse_by_video.setdefault(key, []).append((int(index[-1]) + 1, sparse))
+    assert skipped == {"too_short": 6}  # the 9 s video, once per epoch
+    assert set(sparse_by_video) == {"s10", "s15", "s30"}
+    for key, draws in sparse_by_video.items():
+        draws.sort()
+        assert [s for _, s in draws] == sorted(s for _, s in draws)  # more history, more sparse latents
+        assert all(2 <= s <= 12 for _, s in draws)
+    assert {s for _, s in sparse_by_video["s10"]} == {2}
+    assert max(s for _, s in sparse_by_video["s15"]) <= 5
+    assert max(s for _, s in sparse_by_video["s30"]) > 5
+    assert len({e for e, _ in sparse_by_video["s30"]}) > 1  # the clip end varies
+    # validation draws are fixed per video: every pass reads the same clips
+    passes = [[b["frame_index"][0].tolist() for b in collect(dm.val_dataloader())] for _ in range(2)]
+    assert passes[0] == passes[1] and len(passes[0]) == 3
+
+
+def test_teacher_clips_configuration_errors():
+    with pytest.raises(ValueError, match="num_frames=None"):
+        VideoDataModule(train_urls="x.tar", num_frames=81, teacher_clips=PAPER_LONG)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        VideoDataModule(train_urls="x.tar", num_frames=None, batch_size=2, teacher_clips=PAPER_LONG)
+    with pytest.raises(ValueError, match="mode='video'"):
+        VideoDataModule(train_urls="x.tar", mode="latents", num_frames=None, teacher_clips=PAPER_LONG)

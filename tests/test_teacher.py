@@ -15,10 +15,11 @@ from torch import Tensor
 
 import cf.lit.teacher as teacher_module
 from cf.encoders import ToyAutoencoder
-from cf.erft import NUM_TRAIN_TIMESTEPS
+from cf.erft import NUM_TRAIN_TIMESTEPS, dense_layout, long_layout
 from cf.lit.teacher import ERFT_STATE_KEY, TeacherERFT, continue_latents, sampling_sigmas
 from cf.models.wan import WanConfig
 from data import VideoDataModule
+from data.clips import TeacherClip, TeacherClipMix
 from data.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,66 @@ def test_dense_layout_and_latents_batches() -> None:
     assert torch.equal(layout.target, latents[:, :, -6:]) and text.shape == (2, 8, 32)
     with pytest.raises(ValueError, match="'video'.*'latents'"):
         module.teacher_inputs({"caption": ["a"]})
+
+
+TOY_LONG = toy_config()["model"]["init_args"]["long_layout"]
+
+
+def clip_batch(video: Tensor, clip: TeacherClip) -> dict[str, Any]:
+    """A batch as data.VideoDataModule(teacher_clips=...) makes it from ``video`` (the whole video)."""
+    return {"video": video[:, :, list(clip.frame_index)], "frame_index": torch.tensor([clip.frame_index]),
+            "layout": [clip.layout], "context_latents": [clip.context_latents], "caption": ["a"]}
+
+
+def test_batch_layouts_follow_the_clip_and_match_whole_clip_layouts() -> None:
+    module = toy_teacher(layout="batch")
+    ae = ToyAutoencoder(latent_channels=4, spatial_factor=8)
+    mix = TeacherClipMix.from_config({"long_layout": TOY_LONG, "kinds": [
+        {"layout": "long"}, {"layout": "dense", "context_latents": 6, "target_latents": 6},
+        {"layout": "dense", "context_latents": 0, "target_latents": 6}]})
+    video = pixel_batch(num_frames=190)["video"]
+    shapes = set()
+    for clip in mix.possible_clips(190) + [mix.long_clip(190), mix.dense_clip(mix.kinds[1], 100)]:
+        layout, _ = module.teacher_inputs(clip_batch(video, clip))
+        end = clip.frame_index[-1] + 1
+        if clip.layout == "long":  # reference: the long layout of the whole clip, frames 0 … end − 1
+            reference = long_layout(video[:, :, :end], ae, module.long_layout_config)
+        else:  # reference: the contiguous clip encoded at once, split after the context
+            reference = dense_layout(ae.encode(video[:, :, clip.frame_index[0]:end]), clip.context_latents)
+        assert layout.segments == reference.segments
+        torch.testing.assert_close(layout.latents, reference.latents)
+        assert layout.num_context_frames == clip.context_latents
+        assert torch.equal(layout.positions, torch.arange(clip.sequence_latents))
+        shapes.add((clip.layout, layout.latents.shape[2], layout.num_context_frames))
+    assert layout.source_pixel_frames[0] == (100,)  # the dense clip started at pixel frame 100
+    # the toy long layout (sink 3 | sparse 2 | motion 6 | target 6), [context 6 | target 6] and a plain target 6
+    assert shapes == {("long", 17, 11), ("dense", 12, 6), ("dense", 6, 0)}
+
+
+def test_batch_layout_errors_name_the_fix() -> None:
+    module = toy_teacher(layout="batch")
+    with pytest.raises(ValueError, match="teacher_clips"):
+        module.teacher_inputs(pixel_batch())
+    with pytest.raises(ValueError, match="latent batches"):
+        module.teacher_inputs({"latents": torch.randn(1, 4, 40, 8, 8), "text": torch.randn(1, 8, 32)})
+    other = TeacherClipMix.from_config({"long_layout": {**TOY_LONG, "sparse_stride": 24}, "kinds": [{"layout": "long"}]})
+    video = pixel_batch(num_frames=190)["video"]
+    with pytest.raises(ValueError, match="must equal the model's long_layout"):
+        module.teacher_inputs(clip_batch(video, other.long_clip(190)))
+
+
+def test_erft_step_on_a_plain_target_without_context() -> None:
+    module = toy_teacher(layout="batch", erft={"clean_prob": 0.0, "context_prob": 1.0, "num_buckets": 1,
+                                               "capacity": 4, "warmup_steps": 0})
+    mix = TeacherClipMix.from_config({"long_layout": TOY_LONG,
+                                      "kinds": [{"layout": "dense", "context_latents": 0, "target_latents": 6}]})
+    (clip,) = mix.possible_clips()
+    layout, text = module.teacher_inputs(clip_batch(pixel_batch(num_frames=21)["video"], clip))
+    assert layout.num_context_frames == 0 and layout.target.shape[2] == 6
+    for _ in range(2):  # the second step finds errors in the banks
+        out = module.erft_step(layout, text)
+    assert torch.isfinite(out.loss) and not out.injection.info.context_applied.any()
+    assert out.injection.info.latent_applied.all()
 
 
 def test_one_timestep_for_all_frames_and_target_only_loss() -> None:

@@ -277,7 +277,10 @@ class TeacherERFT(pl.LightningModule):
         autoencoder_args / text_encoder_args: keyword arguments of the toy encoders (e.g. ``{dim: 32}``).
         encoder_dtype: dtype of the real encoders.
         layout: ``"long"`` = ``[sink | sparse | motion | target]`` (`long_layout` on pixels,
-            `long_layout_from_latents` on latents) or ``"dense"`` = ``[context | target]``.
+            `long_layout_from_latents` on latents), ``"dense"`` = ``[context | target]``, or ``"batch"``: each
+            video batch names its layout (``data.VideoDataModule(teacher_clips=...)``: ``"long"`` from the clip's
+            ``frame_index``, or ``"dense"`` split at its ``context_latents``), so one run trains on a mix of
+            sequence lengths.
         long_layout: segment counts of the long layout (default: the paper's 3 | ≤ 12 | 6 | 21).
         dense_context_frames: context length of the dense layout (default: half the clip).
         shift: shift of the training timestep grid and of w(t) (§E.3: 5).
@@ -304,7 +307,7 @@ class TeacherERFT(pl.LightningModule):
         text_encoder: str | None = "hashed",
         text_encoder_args: dict[str, Any] | None = None,
         encoder_dtype: str = "float32",
-        layout: Literal["long", "dense"] = "long",
+        layout: Literal["long", "dense", "batch"] = "long",
         long_layout: LongLayoutConfig | None = None,
         dense_context_frames: int | None = None,
         shift: float = 5.0,
@@ -322,8 +325,8 @@ class TeacherERFT(pl.LightningModule):
             else WanConfig.wan2_1_1_3b()
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
-        if layout not in ("long", "dense"):
-            raise ValueError(f"layout must be 'long' or 'dense', got {layout!r}")
+        if layout not in ("long", "dense", "batch"):
+            raise ValueError(f"layout must be 'long', 'dense' or 'batch', got {layout!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.long_layout_config = _as_dataclass(long_layout, LongLayoutConfig, "long_layout")
@@ -448,13 +451,18 @@ class TeacherERFT(pl.LightningModule):
             video = batch["video"]
             autoencoder = self.autoencoder
             video = video.to(self.device, torch.float32)
-            if hp.layout == "long":
-                layout = long_layout(video, autoencoder, self.long_layout_config)
+            kind, num_context, frame_index = self._video_layout(batch)
+            if kind == "long":
+                layout = long_layout(video, autoencoder, self.long_layout_config, frame_index)
             else:
                 with torch.no_grad():
                     latents = autoencoder.encode(video)
-                layout = dense_layout(latents, hp.dense_context_frames, autoencoder.temporal_factor)
+                first = 0 if frame_index is None else int(frame_index[0])
+                layout = dense_layout(latents, num_context, autoencoder.temporal_factor, first)
         elif "latents" in batch:
+            if hp.layout == "batch":
+                raise ValueError("layout='batch' reads the layout of video batches (data teacher_clips); latent "
+                                 "batches need layout='long' or 'dense'")
             latents = batch["latents"].to(self.device)
             factor = int(getattr(self._encoders.get("autoencoder"), "temporal_factor", 4))
             if hp.layout == "long":
@@ -472,6 +480,24 @@ class TeacherERFT(pl.LightningModule):
         else:
             text = self.text_encoder(list(batch["caption"]))
         return layout, text
+
+    def _video_layout(self, batch: Mapping[str, Any]) -> tuple[str, int | None, Tensor | None]:
+        """(layout kind, dense context latents, frame_index ``[N]`` or None) of a video batch."""
+        hp = self.hparams
+        if hp.layout != "batch":
+            return hp.layout, hp.dense_context_frames, None
+        missing = [k for k in ("layout", "frame_index", "context_latents") if k not in batch]
+        if missing:
+            raise ValueError(f"layout='batch' needs video batches that name their layout, but {missing} are missing; "
+                             "set data.teacher_clips (data.VideoDataModule) or model.layout='long' / 'dense'")
+        kinds, contexts, frame_index = list(batch["layout"]), list(batch["context_latents"]), batch["frame_index"]
+        rows = torch.as_tensor(frame_index)
+        if len(set(kinds)) != 1 or len(set(contexts)) != 1 or not bool((rows == rows[:1]).all()):
+            raise ValueError(f"the samples of a batch have different layouts ({kinds}, context {contexts}); "
+                             "teacher clips come one per batch (batch_size 1)")
+        if kinds[0] not in ("long", "dense"):
+            raise ValueError(f"a batch names layout {kinds[0]!r}; expected 'long' or 'dense'")
+        return kinds[0], int(contexts[0]), rows[0].cpu()
 
     def negative_embeddings(self, batch_size: int, like: Tensor) -> Tensor:
         """Embeddings ``[B, L, D]`` of the sampler's negative prompt (zeros without a text encoder)."""
@@ -511,6 +537,8 @@ class TeacherERFT(pl.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({
             "train/t": out.t.float().mean(),
+            "train/sequence_frames": float(layout.latents.shape[2]),
+            "train/context_frames": float(layout.num_context_frames),
             "erft/clean_step": float(out.flags.clean_step),
             "erft/noise_injected": info.noise_applied.float().mean(),
             "erft/latent_injected": info.latent_applied.float().mean(),
