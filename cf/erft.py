@@ -16,7 +16,9 @@ Latents are ``[B, C, T, h, w]``, pixels ``[B, 3, T, H, W]``; σ = t / 1000.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cf.diffusion import nearest_grid_index, timestep_grid
+from cf.error_storage import DiskEntryStore, RamEntryStore
 
 __all__ = [
     "ErrorBank",
@@ -165,6 +168,19 @@ def make_replacement_policy(policy: str | ReplacementPolicy) -> ReplacementPolic
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class _BucketView(Sequence[Tensor]):
+    """The entries of one bucket, read from the store on access (what the replacement policies see)."""
+
+    def __init__(self, store: RamEntryStore | DiskEntryStore, slots: list[int]) -> None:
+        self._store, self._slots = store, slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        return self._store.read(self._slots[index])
+
+
 class ErrorBank:
     """Errors ``[C, T, h, w]`` stored on CPU (fp16 by default), bucketed by the nearest of ``num_buckets`` shifted
     timesteps (§E.3 step 2, step 8).
@@ -174,6 +190,12 @@ class ErrorBank:
     probability ``clean_insert_prob``; afterwards the local errors are inserted every step. A full bucket makes room
     by ``policy``; when the total cap (``max_total_entries`` / ``max_total_bytes``) is reached, an entry chosen by
     ``policy`` leaves the fullest bucket (the first one on ties).
+
+    ``storage="memory"`` keeps the entries in RAM (any shapes). ``storage="disk"`` keeps them, all of one shape, in
+    a memory-mapped file ``<storage_dir>/<name>-rank<r>.bank`` on local disk, reserved at the first insert for the
+    most entries the caps allow (`cf.error_storage.DiskEntryStore`); its `state_dict` then refers to the file
+    instead of carrying the entries (§E.5, §I.23). Both round an error to ``storage_dtype`` by the same conversion
+    and evolve identically.
 
     The bank's own generator (seeded by ``seed``, part of `state_dict`) draws the clean-step insertions and random
     replacements, so a resumed bank continues exactly like the original one.
@@ -192,6 +214,10 @@ class ErrorBank:
         storage_dtype: str = "float16",
         gather: Callable[[Tensor], Tensor] | None = None,
         seed: int = 0,
+        storage: str = "memory",
+        storage_dir: str | os.PathLike[str] | None = None,
+        name: str = "bank",
+        rank: int | None = None,
     ) -> None:
         if int(capacity) != capacity or capacity < 1:
             raise ValueError(f"capacity (entries per bucket) must be a positive integer (500 nominal), got {capacity}")
@@ -205,6 +231,11 @@ class ErrorBank:
             raise ValueError(f"clean_insert_prob must lie in [0, 1], got {clean_insert_prob}")
         if storage_dtype not in _STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE_DTYPES)}, got {storage_dtype!r}")
+        if storage not in ("memory", "disk"):
+            raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
+        if storage == "disk" and not storage_dir:
+            raise ValueError("storage='disk' needs storage_dir, a folder on local disk for the bank files "
+                             "(e.g. $CF_ERROR_BANKS)")
         self.timesteps = bucket_timesteps(num_buckets, shift)
         self.num_buckets = int(num_buckets)
         self.capacity = int(capacity)
@@ -219,7 +250,14 @@ class ErrorBank:
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.steps_seen = 0
-        self._entries: list[list[Tensor]] = [[] for _ in range(self.num_buckets)]
+        most_entries = self.num_buckets * self.capacity
+        if max_total_entries is not None:
+            most_entries = min(most_entries, int(max_total_entries))
+        self._store: RamEntryStore | DiskEntryStore = RamEntryStore()
+        if storage == "disk":
+            assert storage_dir is not None
+            self._store = DiskEntryStore(storage_dir, name, self.storage_dtype, most_entries, max_total_bytes, rank)
+        self._slots: list[list[int]] = [[] for _ in range(self.num_buckets)]
         self._entry_ids: list[list[int]] = [[] for _ in range(self.num_buckets)]
         self._next_entry_id = 0
         self._nbytes = 0
@@ -227,15 +265,27 @@ class ErrorBank:
     # -- inspection ----------------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return sum(len(bucket) for bucket in self._entries)
+        return sum(len(bucket) for bucket in self._slots)
+
+    @property
+    def storage(self) -> str:
+        """``"memory"`` or ``"disk"``."""
+        return self._store.kind
+
+    @property
+    def path(self) -> Path | None:
+        """The bank file of disk storage (None in RAM)."""
+        return self._store.path if isinstance(self._store, DiskEntryStore) else None
 
     def bucket_counts(self) -> list[int]:
         """Number of entries in every bucket."""
-        return [len(bucket) for bucket in self._entries]
+        return [len(bucket) for bucket in self._slots]
 
     def bucket_entries(self, bucket: int) -> tuple[Tensor, ...]:
-        """The stored entries of one bucket, oldest slot first (read-only view)."""
-        return tuple(self._entries[bucket])
+        """The stored entries of one bucket, oldest slot first (RAM: the stored tensors, not to be modified; disk:
+        copies)."""
+        entries = _BucketView(self._store, self._slots[bucket])
+        return tuple(e.clone() for e in entries) if self._store.volatile_views else tuple(entries)
 
     @property
     def nbytes(self) -> int:
@@ -296,9 +346,9 @@ class ErrorBank:
         errors, t = self._check_errors(errors, t)
         generator = generator if generator is not None else self.generator
         buckets = self.bucket_index(t).tolist()
-        stored = errors.detach().to("cpu", self.storage_dtype)
+        stored = errors.detach().to("cpu", self.storage_dtype)  # the one rounding, for either storage
         for bucket, entry in zip(buckets, stored):
-            self._store_one(bucket, entry.clone(), generator)
+            self._store_one(bucket, entry, generator)
 
     def _store_one(self, bucket: int, entry: Tensor, generator: torch.Generator) -> None:
         entry_bytes = entry.numel() * entry.element_size()
@@ -307,19 +357,21 @@ class ErrorBank:
                 f"one error entry takes {entry_bytes} bytes, more than max_total_bytes={self.max_total_bytes}; "
                 "raise max_total_bytes"
             )
-        if len(self._entries[bucket]) >= self.capacity:
+        self._store.check(entry)
+        if len(self._slots[bucket]) >= self.capacity:
             self._remove(bucket, self._choose(bucket, entry, generator))
         while self._over_cap(1, entry_bytes):
             counts = self.bucket_counts()
             fullest = counts.index(max(counts))
             self._remove(fullest, self._choose(fullest, entry, generator))
-        self._entries[bucket].append(entry)
+        self._slots[bucket].append(self._store.write(entry))
         self._entry_ids[bucket].append(self._next_entry_id)
         self._next_entry_id += 1
         self._nbytes += entry_bytes
 
     def _choose(self, bucket: int, new: Tensor, generator: torch.Generator | None) -> int:
-        return self.policy.choose(self._entries[bucket], self._entry_ids[bucket], new, generator)
+        entries = _BucketView(self._store, self._slots[bucket])
+        return self.policy.choose(entries, self._entry_ids[bucket], new, generator)
 
     def _over_cap(self, extra_entries: int, extra_bytes: int) -> bool:
         if len(self) == 0:
@@ -329,9 +381,11 @@ class ErrorBank:
         return self.max_total_bytes is not None and self._nbytes + extra_bytes > self.max_total_bytes
 
     def _remove(self, bucket: int, index: int) -> None:
-        entry = self._entries[bucket].pop(index)
+        slot = self._slots[bucket].pop(index)
         self._entry_ids[bucket].pop(index)
+        entry = self._store.read(slot)
         self._nbytes -= entry.numel() * entry.element_size()
+        self._store.release(slot)
 
     def _check_errors(self, errors: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         if errors.dim() != 5:
@@ -347,38 +401,44 @@ class ErrorBank:
 
     def sample(self, t: float | Tensor, generator: torch.Generator | None = None,
                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """A uniformly drawn entry ``[C, T, h, w]`` of the bucket of the scalar ``t`` (None if the bucket is empty)."""
+        """A uniformly drawn entry ``[C, T, h, w]`` (a copy) of the bucket of the scalar ``t`` (None if the bucket is
+        empty)."""
         t = torch.as_tensor(t)
         if t.numel() != 1:
             raise ValueError(f"sample() takes one timestep, got shape {tuple(t.shape)}; call it once per sample")
-        bucket = self._entries[int(self.bucket_index(t.reshape(())))]
-        if not bucket:
+        slots = self._slots[int(self.bucket_index(t.reshape(())))]
+        if not slots:
             return None
-        index = int(torch.randint(len(bucket), (1,), generator=generator))
-        return bucket[index].to(device=device, dtype=dtype)
+        index = int(torch.randint(len(slots), (1,), generator=generator))
+        return self._store.read(slots[index]).to(device=device, dtype=dtype, copy=True)
 
     def sample_any(self, generator: torch.Generator | None = None, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """A uniformly drawn entry of the union of all buckets, or None if the bank is empty."""
+        """A uniformly drawn entry (a copy) of the union of all buckets, or None if the bank is empty."""
         total = len(self)
         if total == 0:
             return None
         index = int(torch.randint(total, (1,), generator=generator))
-        for bucket in self._entries:
-            if index < len(bucket):
-                return bucket[index].to(device=device, dtype=dtype)
-            index -= len(bucket)
+        for slots in self._slots:
+            if index < len(slots):
+                return self._store.read(slots[index]).to(device=device, dtype=dtype, copy=True)
+            index -= len(slots)
         raise AssertionError("unreachable: index within the bank's size")
 
     # -- training state ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: entries in order, their ages, the step counter and the RNG."""
+        """Everything needed to continue exactly: entries in order (disk storage: a reference to them in the bank
+        file, with a CRC-32 per entry), their ages, the step counter and the RNG.
+
+        With disk storage the file is flushed, and the slots this state refers to are not rewritten before the next
+        `state_dict` call, so the latest state stays loadable however long the bank is used after it.
+        """
         return {
             "num_buckets": self.num_buckets,
             "shift": self.shift,
             "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
-            "entries": [list(bucket) for bucket in self._entries],
+            **self._store.export(self._slots),
             "entry_ids": [list(ids) for ids in self._entry_ids],
             "next_entry_id": self._next_entry_id,
             "steps_seen": self.steps_seen,
@@ -386,7 +446,9 @@ class ErrorBank:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict`; bucket layout and storage dtype must match this bank's settings."""
+        """Restore a `state_dict` of either storage (a disk state of another file is copied into this bank's own
+        file or into RAM); bucket layout and storage dtype must match this bank's settings. Entries read from a bank
+        file are checked against their CRC-32."""
         if state["num_buckets"] != self.num_buckets or float(state["shift"]) != self.shift:
             raise ValueError(
                 f"error-bank state has {state['num_buckets']} buckets at shift {state['shift']} but this bank has "
@@ -397,37 +459,51 @@ class ErrorBank:
                 f"error-bank state is stored as {state['storage_dtype']} but this bank uses {self.storage_dtype}; "
                 "build the bank with the checkpoint's storage_dtype"
             )
-        if any(len(bucket) > self.capacity for bucket in state["entries"]):
+        counts = [len(bucket) for bucket in (state["slots"] if state.get("storage") == "disk" else state["entries"])]
+        if max(counts, default=0) > self.capacity:
             raise ValueError(
-                f"error-bank state has a bucket with {max(len(b) for b in state['entries'])} entries, more than "
-                f"capacity={self.capacity}; build the bank with the checkpoint's capacity"
+                f"error-bank state has a bucket with {max(counts)} entries, more than capacity={self.capacity}; "
+                "build the bank with the checkpoint's capacity"
             )
-        self._entries = [[entry.detach().to("cpu", self.storage_dtype).clone() for entry in bucket]
-                         for bucket in state["entries"]]
+        try:
+            self._slots = self._store.restore(state, self.storage_dtype)
+        except Exception:
+            self.close()
+            raise
         self._entry_ids = [[int(i) for i in ids] for ids in state["entry_ids"]]
         self._next_entry_id = int(state["next_entry_id"])
         self.steps_seen = int(state["steps_seen"])
         self.generator.set_state(state["generator_state"].clone())
-        self._nbytes = sum(e.numel() * e.element_size() for bucket in self._entries for e in bucket)
+        self._nbytes = sum(e.numel() * e.element_size() for bucket in self._slots
+                           for e in _BucketView(self._store, bucket))
+
+    def close(self) -> None:
+        """Release the storage (disk: unmap and unlock the file, which stays on disk); the bank is empty afterwards."""
+        self._store.close()
+        self._slots = [[] for _ in range(self.num_buckets)]
+        self._entry_ids = [[] for _ in range(self.num_buckets)]
+        self._nbytes = 0
 
 
 class ErrorBanks:
     """The teacher's two banks: ``noise`` holds noise errors ``(1 − σ)Δ`` and ``latent`` holds y errors ``−σΔ``.
 
-    Both are built with the same settings (each bank gets its own caps) and seeds ``seed`` and ``seed + 1``.
+    Both are built with the same settings (each bank gets its own caps and, on disk, its own file ``noise-rank<r>``
+    / ``latent-rank<r>``) and seeds ``seed`` and ``seed + 1``.
     """
 
     def __init__(self, num_buckets: int = 50, capacity: int = 500, shift: float = 5.0,
                  policy: str = "l2_batch", max_total_entries: int | None = None,
                  max_total_bytes: int | None = None, warmup_steps: int = 50, clean_insert_prob: float = 0.1,
                  storage_dtype: str = "float16", gather: Callable[[Tensor], Tensor] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, storage: str = "memory", storage_dir: str | os.PathLike[str] | None = None,
+                 rank: int | None = None) -> None:
         settings = dict(num_buckets=num_buckets, capacity=capacity, shift=shift, policy=policy,
                         max_total_entries=max_total_entries, max_total_bytes=max_total_bytes,
                         warmup_steps=warmup_steps, clean_insert_prob=clean_insert_prob, storage_dtype=storage_dtype,
-                        gather=gather)
-        self.noise = ErrorBank(**settings, seed=seed)
-        self.latent = ErrorBank(**settings, seed=seed + 1)
+                        gather=gather, storage=storage, storage_dir=storage_dir, rank=rank)
+        self.noise = ErrorBank(**settings, seed=seed, name="noise")
+        self.latent = ErrorBank(**settings, seed=seed + 1, name="latent")
 
     def insert(self, noise_errors: Tensor, latent_errors: Tensor, t: Tensor, clean_step: bool) -> tuple[int, int]:
         """One step's update of both banks (call on every rank, every step); returns the entries stored in each."""
@@ -449,6 +525,11 @@ class ErrorBanks:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.noise.load_state_dict(state["noise"])
         self.latent.load_state_dict(state["latent"])
+
+    def close(self) -> None:
+        """Release both banks' storage (see `ErrorBank.close`)."""
+        self.noise.close()
+        self.latent.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import io
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -426,6 +429,200 @@ def test_bank_and_injector_reject_bad_settings():
     banks.noise.store(torch.zeros(1, 3, 3, 2, 2), torch.tensor([900.0]))
     with pytest.raises(ValueError, match="channels and spatial size"):
         ErrorInjector().inject(x0, noise, context, 900.0, banks, flags(noise=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Disk storage
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def disk_bank(directory: Path, **kwargs) -> ErrorBank:
+    return toy_bank(storage="disk", storage_dir=directory, **kwargs)
+
+
+def contents(bank: ErrorBank) -> list[list[tuple[int, torch.Tensor]]]:
+    """(entry id, entry) of every bucket, oldest slot first, as independent copies."""
+    return [[(i, e.clone()) for i, e in zip(bank._entry_ids[b], bank.bucket_entries(b))]
+            for b in range(bank.num_buckets)]
+
+
+def assert_same_contents(a: list, b: list) -> None:
+    assert [[i for i, _ in bucket] for bucket in a] == [[i for i, _ in bucket] for bucket in b]
+    for bucket_a, bucket_b in zip(a, b):
+        for (_, x), (_, y) in zip(bucket_a, bucket_b):
+            assert x.dtype == y.dtype and torch.equal(x.view(torch.int16), y.view(torch.int16))  # bit for bit
+
+
+def feed(banks: list[ErrorBank], steps: int, seed: int, rows: int = 2) -> None:
+    """The same stream of steps into every bank: float64 errors, random timesteps, random clean flags."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        errors = torch.randn(rows, *ENTRY_SHAPE, generator=g, dtype=torch.float64)
+        t = torch.rand(rows, generator=g) * 1000
+        clean = bool(torch.rand(1, generator=g) < 0.5)
+        for bank in banks:
+            bank.insert(errors, t, clean_step=clean)
+
+
+@pytest.mark.parametrize("policy, caps", [("l2_batch", {}), ("random", {"max_total_entries": 9}),
+                                          ("fifo", {"max_total_bytes": 11 * 48}),
+                                          ("l2_batch", {"max_total_entries": 7})])
+def test_disk_bank_evolves_exactly_like_the_ram_bank(tmp_path, policy, caps):
+    settings = dict(capacity=3, policy=policy, warmup_steps=3, clean_insert_prob=0.5, seed=5, **caps)
+    ram = toy_bank(gather=TwoRankGather(), **settings)
+    disk = disk_bank(tmp_path, gather=TwoRankGather(), **settings)
+    for step in range(25):
+        feed([ram, disk], 1, seed=step)
+        assert_same_contents(contents(ram), contents(disk))
+        assert ram.nbytes == disk.nbytes and ram.bucket_counts() == disk.bucket_counts()
+    assert ram._next_entry_id > len(ram) + 10  # many evictions: the policy and the caps chose victims
+    g_ram, g_disk = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t in (999.0, 700.0, 300.0, 20.0):
+        a, b = ram.sample(t, g_ram), disk.sample(t, g_disk)
+        assert (a is None and b is None) or torch.equal(a, b)
+        assert torch.equal(ram.sample_any(g_ram), disk.sample_any(g_disk))
+    assert disk.storage == "disk" and disk.path.parent == tmp_path.absolute()
+
+
+def test_fp16_rounding_is_the_same_in_ram_and_on_disk(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    errors = torch.randn(2, *ENTRY_SHAPE, generator=g) * torch.logspace(-6, 2, 24).view(1, *ENTRY_SHAPE)
+    ram, disk = toy_bank(), disk_bank(tmp_path)
+    for bank in (ram, disk):
+        bank.store(errors, torch.tensor([1000.0, 1000.0]))
+    # harvested errors are float32: one round-to-nearest-even to fp16, as numpy does it
+    expected = errors.numpy().astype(np.float16)
+    for row in range(2):
+        for bank in (ram, disk):
+            assert bank.bucket_entries(0)[row].numpy().view(np.int16).tolist() == expected[row].view(np.int16).tolist()
+    on_disk = np.fromfile(disk.path, dtype=np.float16)[: expected.size]  # the file itself, read by numpy
+    assert on_disk.view(np.int16).tolist() == expected.reshape(-1).view(np.int16).tolist()
+
+    # float64 input: 1 + 2^-11 + 2^-40 rounds to 1 + 2^-10 directly but to 1 through float32 (a tie, to even); both
+    # storages apply the same conversion, torch's
+    wide = torch.randn(1, *ENTRY_SHAPE, generator=g, dtype=torch.float64)
+    wide[0, 0, 0, 0, 0] = 1 + 2**-11 + 2**-40
+    for bank in (ram, disk):
+        bank.store(wide, torch.tensor([20.0]))
+    stored = [bank.bucket_entries(4)[0] for bank in (ram, disk)]
+    assert torch.equal(stored[0].view(torch.int16), stored[1].view(torch.int16))
+    assert torch.equal(stored[1].view(torch.int16), wide[0].to(torch.float16).view(torch.int16))
+
+
+def test_disk_bank_files_are_per_rank_reserved_and_locked(tmp_path, monkeypatch):
+    banks = ErrorBanks(num_buckets=5, capacity=4, warmup_steps=0, storage="disk", storage_dir=tmp_path / "b",
+                       max_total_bytes=10 * 48 + 5, rank=3)
+    assert not (tmp_path / "b").exists()  # nothing touches the disk before the first insert
+    banks.insert(torch.randn(1, *ENTRY_SHAPE), torch.randn(1, *ENTRY_SHAPE), torch.tensor([500.0]), False)
+    entry_bytes = 2 * torch.Size(ENTRY_SHAPE).numel()
+    for name in ("noise", "latent"):
+        path = tmp_path / "b" / f"{name}-rank3.bank"
+        assert getattr(banks, name).path == path.absolute()
+        assert path.stat().st_size == 10 * entry_bytes  # min(5 buckets x 4, byte cap // 48 bytes) entries
+    capped = disk_bank(tmp_path / "c", capacity=4, max_total_entries=6, rank=0)
+    capped.store(torch.randn(1, *ENTRY_SHAPE), torch.tensor([10.0]))
+    assert capped.path.stat().st_size == 6 * entry_bytes
+
+    twin = ErrorBank(num_buckets=5, storage="disk", storage_dir=tmp_path / "b", name="noise", rank=3)
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        twin.store(torch.randn(1, *ENTRY_SHAPE), torch.tensor([10.0]))
+    assert len(twin) == 0
+
+    with pytest.raises(ValueError, match="storage_dir"):
+        ErrorBank(storage="disk")
+    with pytest.raises(ValueError, match="'memory' or 'disk'"):
+        ErrorBank(storage="ssd")
+    with pytest.raises(ValueError, match="entries of shape"):
+        capped.store(torch.randn(1, 2, 4, 2, 2), torch.tensor([10.0]))
+    assert len(capped) == 1
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 6)
+    assert disk_bank(tmp_path).path == (tmp_path / "bank-rank6.bank").absolute()  # the global rank by default
+
+
+def test_disk_bank_resumes_exactly_from_its_latest_state(tmp_path):
+    settings = dict(capacity=3, policy="random", warmup_steps=4, clean_insert_prob=0.5, max_total_entries=12,
+                    seed=3)
+    run = disk_bank(tmp_path, gather=TwoRankGather(), **settings)
+    ram = toy_bank(gather=TwoRankGather(), **settings)
+    feed([run, ram], 10, seed=0)
+    saved_contents = contents(run)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    ram_state = copy.deepcopy(ram.state_dict())
+    reserved = run.path.stat().st_size
+
+    feed([run], 30, seed=1)  # the run goes on (evicting and inserting), then dies
+    assert run.path.stat().st_size > reserved  # the slots of the saved state were kept, so the file grew
+    path = run.path
+    run.close()
+
+    buffer.seek(0)
+    resumed = disk_bank(tmp_path, gather=TwoRankGather(), **settings)  # a fresh object, as in a new process
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.path == path
+    assert_same_contents(contents(resumed), saved_contents)
+    assert resumed.steps_seen == 10 and resumed.nbytes == ram.nbytes
+    reference = toy_bank(gather=TwoRankGather(), **settings)
+    reference.load_state_dict(ram_state)
+    for step in range(20):
+        feed([resumed, reference], 1, seed=100 + step)
+        assert_same_contents(contents(resumed), contents(reference))
+    assert torch.equal(resumed.generator.get_state(), reference.generator.get_state())
+
+
+def test_disk_state_whose_entries_were_overwritten_fails_the_check(tmp_path):
+    bank = disk_bank(tmp_path, capacity=2, warmup_steps=0, policy="fifo")
+    feed([bank], 6, seed=0)
+    old = bank.state_dict()
+    feed([bank], 6, seed=1)
+    bank.state_dict()  # a newer checkpoint: the slots of the old one may now be reused ...
+    feed([bank], 6, seed=2)  # ... and are
+    bank.close()
+    with pytest.raises(ValueError, match="no longer holds"):
+        disk_bank(tmp_path, capacity=2).load_state_dict(old)
+    with pytest.raises(ValueError, match="no longer holds"):
+        toy_bank(capacity=2).load_state_dict(old)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        disk_bank(tmp_path / "elsewhere", capacity=2).load_state_dict(dict(old, path=str(tmp_path / "gone.bank")))
+
+
+def test_disk_state_moves_to_another_rank_file_and_to_ram_and_back(tmp_path):
+    settings = dict(capacity=3, policy="l2_batch", warmup_steps=0)
+    source = disk_bank(tmp_path, rank=0, **settings)
+    feed([source], 8, seed=4)
+    state = source.state_dict()
+    expected = contents(source)
+    source_bytes = source.path.read_bytes()
+
+    other_rank = disk_bank(tmp_path, rank=1, **settings)  # e.g. a resume with another world size
+    other_rank.load_state_dict(state)
+    assert other_rank.path.name == "bank-rank1.bank"
+    assert_same_contents(contents(other_rank), expected)
+    in_ram = toy_bank(**settings)
+    in_ram.load_state_dict(state)
+    assert_same_contents(contents(in_ram), expected)
+    back_to_disk = disk_bank(tmp_path, rank=2, **settings)
+    back_to_disk.load_state_dict(in_ram.state_dict())
+    assert_same_contents(contents(back_to_disk), expected)
+
+    feed([other_rank, in_ram, back_to_disk], 5, seed=5)
+    assert source.path.read_bytes() == source_bytes  # copies never write to the source file
+    assert_same_contents(contents(other_rank), contents(in_ram))
+    assert_same_contents(contents(back_to_disk), contents(in_ram))
+
+    banks = ErrorBanks(num_buckets=5, capacity=2, warmup_steps=0, storage="disk", storage_dir=tmp_path / "pair")
+    banks.insert(torch.randn(3, *ENTRY_SHAPE), torch.randn(3, *ENTRY_SHAPE), torch.tensor([10.0, 500.0, 990.0]), False)
+    pair = {name: contents(getattr(banks, name)) for name in ("noise", "latent")}
+    pair_state = banks.state_dict()
+    banks.close()
+    fresh = ErrorBanks(num_buckets=5, capacity=2, warmup_steps=0, storage="disk", storage_dir=tmp_path / "pair")
+    fresh.load_state_dict(pair_state)
+    for name in ("noise", "latent"):
+        assert getattr(fresh, name).path.name == f"{name}-rank0.bank" and len(getattr(fresh, name)) == 3
+        assert_same_contents(contents(getattr(fresh, name)), pair[name])
+    assert not torch.equal(fresh.noise.bucket_entries(0)[0], fresh.latent.bucket_entries(0)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ class ERFTConfig:
     switches all off; ``error_modulate`` m scales each error by U(1 − m, 1 + m). Banks: ``num_buckets`` timestep
     buckets of ``capacity`` entries each, replacement ``policy``, total caps ``max_total_entries`` /
     ``max_total_bytes`` per bank (§I.23), all-gather warm-up of ``warmup_steps`` during which clean-step errors are
-    kept with ``clean_insert_prob``; entries stored as ``storage_dtype`` on CPU.
+    kept with ``clean_insert_prob``; entries stored as ``storage_dtype`` in RAM (``storage="memory"``) or in one
+    memory-mapped file per bank and rank under ``storage_dir`` on local disk (``storage="disk"``, `cf.erft.ErrorBank`).
     """
 
     noise_prob: float = 0.01
@@ -88,6 +89,8 @@ class ERFTConfig:
     warmup_steps: int = 50
     clean_insert_prob: float = 0.1
     storage_dtype: str = "float16"
+    storage: str = "memory"
+    storage_dir: str | None = None
 
     def injector(self) -> ErrorInjector:
         return ErrorInjector(noise_prob=self.noise_prob, context_prob=self.context_prob,
@@ -98,7 +101,8 @@ class ERFTConfig:
         return ErrorBanks(num_buckets=self.num_buckets, capacity=self.capacity, shift=shift, policy=self.policy,
                           max_total_entries=self.max_total_entries, max_total_bytes=self.max_total_bytes,
                           warmup_steps=self.warmup_steps, clean_insert_prob=self.clean_insert_prob,
-                          storage_dtype=self.storage_dtype, seed=seed)
+                          storage_dtype=self.storage_dtype, seed=seed, storage=self.storage,
+                          storage_dir=self.storage_dir)
 
 
 @dataclass
@@ -286,6 +290,8 @@ class TeacherERFT(pl.LightningModule):
         shift: shift of the training timestep grid and of w(t) (§E.3: 5).
         erft: injection probabilities and bank settings.
         sampling: the teacher's own sampler (validation videos, `continue_video`).
+        caption_dropout: probability that a training sample's caption is replaced by the sampler's negative prompt,
+            which trains the unconditional branch that classifier-free guidance uses (0: never).
         lr, betas, weight_decay: AdamW (§E.4). Clip gradients with the Trainer's ``gradient_clip_val``.
         seed: seed of the module's generator (timesteps, noise, injection draws; rank r uses seed + r).
         val_timesteps: timesteps of the held-out flow loss (fixed noise per batch).
@@ -313,6 +319,7 @@ class TeacherERFT(pl.LightningModule):
         shift: float = 5.0,
         erft: ERFTConfig | None = None,
         sampling: TeacherSamplingConfig | None = None,
+        caption_dropout: float = 0.0,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -329,6 +336,8 @@ class TeacherERFT(pl.LightningModule):
             raise ValueError(f"layout must be 'long', 'dense' or 'batch', got {layout!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
         self.long_layout_config = _as_dataclass(long_layout, LongLayoutConfig, "long_layout")
         self.erft_config = _as_dataclass(erft, ERFTConfig, "erft")
         self.sampling_config = _as_dataclass(sampling, TeacherSamplingConfig, "sampling")
@@ -507,6 +516,16 @@ class TeacherERFT(pl.LightningModule):
         return negative.to(like).expand(batch_size, *negative.shape[1:])
 
     # ------------------------------------------------------------------------------------------------ training
+    def drop_captions(self, text: Tensor) -> Tensor:
+        """``text`` ``[B, L, D]`` with each row replaced by the negative prompt's embedding with probability
+        ``caption_dropout`` (drawn from the module's generator; no draw at all when it is 0)."""
+        p = float(self.hparams.caption_dropout)
+        if p == 0.0:
+            return text
+        dropped = (torch.rand(text.shape[0], generator=self.generator()) < p).to(text.device)
+        negative = self.negative_embeddings(text.shape[0], text)
+        return torch.where(dropped[:, None, None], negative, text)
+
     def erft_step(self, layout: TeacherLayout, text: Tensor, harvest: bool = True) -> ERFTStepOutput:
         """One ERFT step on a layout (§E.3): draw t and noise, inject, predict, weighted flow loss on the target,
         harvest the residuals into the banks (``harvest``; a collective during the bank warm-up)."""
@@ -531,7 +550,7 @@ class TeacherERFT(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         layout, text = self.teacher_inputs(batch)
-        out = self.erft_step(layout, text)
+        out = self.erft_step(layout, self.drop_captions(text))
         info = out.injection.info
         batch_size = layout.latents.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
