@@ -98,6 +98,65 @@ def test_clip_preprocessing_matches_transformers_image_processor():
     assert torch.allclose(ours, reference, atol=0.03)  # PIL rounds to uint8 after resizing
 
 
+def keys_cubic(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75: PyTorch's non-antialiased bicubic)."""
+    x = np.abs(distance)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def naive_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``[out, in]`` weights of a half-pixel-centred bicubic resize, taps clamped at the borders.
+
+    The source coordinate ``scale * (i + 0.5) - 0.5`` uses the float32 ``scale = in / out`` and is rounded once to
+    float32, as PyTorch's CPU kernel does for float32 images (float64 coordinates are off by up to ~5e-5 of a pixel on
+    noise); the rest is float64.
+    """
+    scale = float(np.float32(in_size) / np.float32(out_size))
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        source = float(np.float32(scale * (i + 0.5) - 0.5))
+        base = int(np.floor(source))
+        for tap in range(base - 1, base + 3):
+            matrix[i, min(max(tap, 0), in_size - 1)] += keys_cubic(np.array(source - tap))
+    return matrix
+
+
+def vbench_clip_transform_reference(frames: np.ndarray, n_px: int) -> np.ndarray:
+    """VBench's ``clip_transform(n_px)`` on ``load_video`` output, written out in float64.
+
+    ``load_video`` gives float32 ``[T, 3, H, W]`` in [0, 255] (``torch.Tensor`` of the uint8 buffer); torchvision
+    < 0.17 ``Resize(n_px, BICUBIC)`` on a float tensor: short side -> n_px, long side int(n_px * long / short), no
+    antialias, no clamp; ``CenterCrop``: offsets int(round(d / 2)); then / 255 and CLIP mean / std.
+    """
+    x = frames.astype(np.float64).transpose(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = n_px, int(n_px * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        x = naive_bicubic_matrix(h, new_h) @ x @ naive_bicubic_matrix(w, new_w).T
+    top, left = int(round((new_h - n_px) / 2.0)), int(round((new_w - n_px) / 2.0))
+    x = x[..., top : top + n_px, left : left + n_px] / 255.0
+    mean, std = np.array(CLIP_MEAN).reshape(1, 3, 1, 1), np.array(CLIP_STD).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("height, width", [(60, 104), (480, 832), (61, 104), (833, 480)])
+def test_vbench_clip_preprocessing_equals_vbench_clip_transform(height, width):
+    frames = np.random.default_rng(height + width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    reference = torch.from_numpy(vbench_clip_transform_reference(frames, 224))
+    ours = preprocess_clip(frames_to_float(frames), 224, "vbench")
+    assert ours.shape == reference.shape == (2, 3, 224, 224)
+    pixel_error = (ours.double() - reference) * torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    assert pixel_error.abs().max() < 2e-6  # in [0, 1] pixel units
+    # the CLIP-F / CLIP-T path (antialiased, clamped) is a different image: the switch matters
+    assert (preprocess_clip(frames_to_float(frames), 224, "clip").double() - reference).abs().max() > 0.1
+    with pytest.raises(ValueError, match="vbench"):
+        preprocess_clip(frames_to_float(frames), 224, "bogus")
+
+
 def test_dino_preprocessing_modes():
     frames = frames_to_float(smooth_frames(2))
     assert preprocess_dino(frames, 32, "center_crop").shape == (2, 3, 32, 32)
@@ -157,6 +216,19 @@ def test_clip_features_offline(model_dirs):
         out = model.get_image_features(pixel_values=preprocess_clip(frames_to_float(frames), 32))
     out = out if torch.is_tensor(out) else out.pooler_output
     assert torch.allclose(image, torch.nn.functional.normalize(out, dim=-1), atol=1e-5)
+    # VBench preprocessing: the same model and tokenizer, another image pipeline
+    vbench = extractor.with_preprocessing("vbench")
+    assert vbench.model is extractor.model and vbench.tokenizer is extractor.tokenizer
+    vbench_image = vbench.image_features(frames)
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=preprocess_clip(frames_to_float(frames), 32, "vbench"))
+    out = out if torch.is_tensor(out) else out.pooler_output
+    assert torch.allclose(vbench_image, torch.nn.functional.normalize(out, dim=-1), atol=1e-5)
+    assert not torch.allclose(vbench_image, image, atol=1e-4)
+    assert torch.allclose(ClipFeatures.from_pretrained(clip_dir, preprocessing="vbench").image_features(frames),
+                          vbench_image, atol=1e-5)
+    with pytest.raises(ValueError, match="'clip'"):
+        ClipFeatures(model, extractor.tokenizer, preprocessing="pil")
 
 
 def test_missing_folder_names_what_to_download(tmp_path):

@@ -12,6 +12,7 @@ from cf.evaluation.metrics import (
     pixel_similarity_to_first_frame,
     vbench_consistency,
     vbench_frame_scores,
+    vbench_video_consistency,
     window_frame_indices,
     windowed_clip_t_score,
     windowed_consecutive_frame_score,
@@ -80,18 +81,28 @@ def test_vbench_clipping_and_frame_weighting_over_two_videos():
     rank1.update(video_b)
     rank0.merge_state(rank1)  # what the cross-rank sum reduction does
     assert float(rank0.compute()) == pytest.approx(50.0, abs=1e-4)
+    assert vbench_video_consistency(video_a) == pytest.approx(25.0, abs=1e-4)
+    assert vbench_video_consistency(video_b) == pytest.approx(100.0, abs=1e-4)
+    assert math.isnan(vbench_video_consistency(unit([0.3])))  # no frame pair: no score
 
 
 def test_vbench_matches_naive_loop_on_random_features():
     generator = torch.Generator().manual_seed(0)
     videos = [torch.randn(n, 8, generator=generator) for n in (4, 9, 2)]
-    total, pairs = 0.0, 0
+    total, pairs, per_video = 0.0, 0, []
     for f in videos:
         f = f / f.norm(dim=-1, keepdim=True)
+        video_total = 0.0
         for t in range(1, f.shape[0]):
-            total += 0.5 * (max(0.0, float(f[0] @ f[t])) + max(0.0, float(f[t - 1] @ f[t])))
-            pairs += 1
+            video_total += 0.5 * (max(0.0, float(f[0] @ f[t])) + max(0.0, float(f[t - 1] @ f[t])))
+        per_video.append(100 * video_total / (f.shape[0] - 1))
+        total, pairs = total + video_total, pairs + f.shape[0] - 1
     assert vbench_consistency(videos) == pytest.approx(100 * total / pairs, rel=1e-5)
+    assert [vbench_video_consistency(f) for f in videos] == pytest.approx(per_video, rel=1e-5)
+    # the folder score is the mean of the per-video scores weighted by their frame pairs
+    weights = [f.shape[0] - 1 for f in videos]
+    weighted = sum(w * s for w, s in zip(weights, per_video)) / sum(weights)
+    assert vbench_consistency(videos) == pytest.approx(weighted, rel=1e-5)
 
 
 def test_windowed_score_averages_videos_that_reach_the_timestamp():

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,9 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from cf.cli import main as cf_main  # noqa: E402
 from cf.evaluation.report import EvaluationConfig, evaluate_folders, load_prompts  # noqa: E402
-from cf.video_io import encode_mp4  # noqa: E402
+from cf.video_io import encode_mp4, read_video  # noqa: E402
 from data.synthetic import make_clip_spec, render_clip  # noqa: E402
-from test_evaluation_features import build_tiny_clip, build_tiny_dino  # noqa: E402
+from test_evaluation_features import build_tiny_clip, build_tiny_dino, vbench_clip_transform_reference  # noqa: E402
 
 FPS = 8
 
@@ -42,6 +43,22 @@ def folders(tmp_path_factory):
     return root
 
 
+def naive_vbench_video_score(features: torch.Tensor) -> float:
+    """VBench's per-video loop: mean over t >= 1 of (max(0, cos(f_{t-1}, f_t)) + max(0, cos(f_0, f_t))) / 2, x100."""
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    pairs = [(max(0.0, float(f[t - 1] @ f[t])) + max(0.0, float(f[0] @ f[t]))) / 2 for t in range(1, len(f))]
+    return 100 * sum(pairs) / len(pairs)
+
+
+def clip_image_features(clip_dir, pixel_values: torch.Tensor) -> torch.Tensor:
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixel_values.float())
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
 def test_cf_evaluate_writes_json_csv_and_plots(folders, tmp_path):
     dino = build_tiny_dino(tmp_path / "dino")
     clip = build_tiny_clip(tmp_path / "clip")
@@ -57,6 +74,20 @@ def test_cf_evaluate_writes_json_csv_and_plots(folders, tmp_path):
         assert summary_a["windowed"][name]["1"] is not None
     assert 0 < summary_a["vbench_subject_consistency"] <= 100
     assert 0 < summary_a["vbench_background_consistency"] <= 100
+    # per-video VBench scores; the videos have the same length, so their mean is the folder score
+    for model in ("model_a", "model_b"):
+        videos = report["models"][model]["videos"]
+        summary = report["models"][model]["summary"]
+        for name in ("vbench_subject_consistency", "vbench_background_consistency"):
+            scores = [videos[stem]["scalars"][name] for stem in ("clip0", "clip1")]
+            assert all(0 < score <= 100 for score in scores)
+            assert sum(scores) / 2 == pytest.approx(summary[name], abs=1e-4)
+    # background consistency = VBench's clip_transform (written out independently) + CLIP + VBench's loop
+    frames, _ = read_video(folders / "model_b" / "clip1.mp4")
+    reference = naive_vbench_video_score(
+        clip_image_features(clip, torch.from_numpy(vbench_clip_transform_reference(frames, 32))))
+    background = report["models"]["model_b"]["videos"]["clip1"]["scalars"]["vbench_background_consistency"]
+    assert background == pytest.approx(reference, abs=1e-4)
     # model_b loses its sprites at 2 s: identities vanish, ground-truth recall drops
     assert summary_a["windowed"]["identity_presence"]["3.5"] > 0.5  # sprites wander out of view now and then
     assert summary_b["windowed"]["identity_presence"]["3.5"] == pytest.approx(0.0)
@@ -74,6 +105,9 @@ def test_cf_evaluate_writes_json_csv_and_plots(folders, tmp_path):
     dino_rows = [r for r in rows if r["model"] == "model_b" and r["video"] == "ALL" and r["metric"] == "dinov2"]
     assert {r["time_s"] for r in dino_rows} == {"0.5", "1", "3", "3.5", "20"}
     assert [r["value"] for r in dino_rows if r["time_s"] == "20"] == [""]
+    per_video = [r for r in rows if r["model"] == "model_b" and r["video"] == "clip1"
+                 and r["metric"] == "vbench_background_consistency"]
+    assert len(per_video) == 1 and float(per_video[0]["value"]) == pytest.approx(background, rel=1e-5)
     plot = out / "identity_presence_vs_time.png"
     assert plot.is_file() and (out / "dinov2_vs_time.png").is_file()
     with Image.open(plot) as image:

@@ -5,6 +5,9 @@
 
 Writes ``metrics.json``, ``metrics.csv`` and ``<metric>_vs_time.png`` (one line per folder) into ``--out``.
 Without ``--dino`` / ``--clip`` only the pixel and ground-truth metrics run (metrics.json says so under "notes").
+VBench subject / background consistency are reported per video (``models.<folder>.videos.<stem>.scalars``) and per
+folder (``models.<folder>.summary``: frame-weighted, like VBench); background consistency runs the ``--clip`` model
+with VBench's own preprocessing (bicubic resize without antialias, no clamp), CLIP-F / CLIP-T with the antialiased one.
 """
 
 from __future__ import annotations

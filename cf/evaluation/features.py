@@ -6,7 +6,17 @@ downloaded. Preprocessing is done with torch ops on whole batches of frames (ref
 - DINOv2, ``"center_crop"``: bicubic resize of the shorter side to ``image_size`` + center crop, ImageNet mean/std.
 - DINO, ``"shorter_side"`` (VBench subject consistency): bilinear resize of the shorter side, no crop, no antialias,
   ImageNet mean/std.
-- CLIP: bicubic resize of the shorter side + center crop to the vision tower's size, CLIP mean/std.
+- CLIP, ``"clip"`` (CLIP-F and CLIP-T): antialiased bicubic resize of the shorter side, clamped to [0, 1], + center
+  crop to the vision tower's size, CLIP mean/std; close to the PIL resize of ``CLIPImageProcessor`` (which
+  torchmetrics' CLIPScore uses), without its rounding to uint8.
+- CLIP, ``"vbench"`` (VBench background consistency): VBench's ``clip_transform`` on its float frames in [0, 255],
+  i.e. torchvision ``Resize(size, BICUBIC)`` on a tensor as of torchvision < 0.17 (no antialias, no clamp: bicubic
+  overshoot is kept), ``CenterCrop(size)``, ``/ 255``, CLIP mean/std. Done here in [0, 1], which differs only by
+  float32 rounding (~1e-7).
+
+Shorter-side resizes follow torchvision: the short side becomes ``size`` and the long side
+``int(size * long / short)`` (truncated); frames that already have that size are returned unchanged. Center-crop
+offsets are ``int(round((side - size) / 2))``.
 
 Frames are uint8 ``[T, H, W, 3]`` (numpy or torch) or float ``[T, 3, H, W]`` in [0, 1].
 """
@@ -29,6 +39,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DinoPreprocessing = Literal["center_crop", "shorter_side"]
+ClipPreprocessing = Literal["clip", "vbench"]
 
 
 def frames_to_float(frames: Tensor | np.ndarray) -> Tensor:
@@ -53,8 +64,12 @@ def frames_to_float(frames: Tensor | np.ndarray) -> Tensor:
     return frames.float()
 
 
-def resize_shorter_side(frames: Tensor, size: int, mode: str = "bicubic", antialias: bool = True) -> Tensor:
-    """Resize ``[T, 3, H, W]`` so that the shorter side is ``size`` (the longer one is truncated like torchvision)."""
+def resize_shorter_side(frames: Tensor, size: int, mode: str = "bicubic", antialias: bool = True,
+                        clamp: bool = True) -> Tensor:
+    """Resize ``[T, 3, H, W]`` so that the shorter side is ``size`` (the longer one is truncated like torchvision).
+
+    ``clamp`` clips bicubic overshoot back to [0, 1] (bilinear cannot overshoot and is never clipped).
+    """
     height, width = frames.shape[-2:]
     if height <= width:
         new_h, new_w = size, int(size * width / height)
@@ -63,7 +78,7 @@ def resize_shorter_side(frames: Tensor, size: int, mode: str = "bicubic", antial
     if (new_h, new_w) == (height, width):
         return frames
     out = F.interpolate(frames, size=(new_h, new_w), mode=mode, align_corners=False, antialias=antialias)
-    return out.clamp(0.0, 1.0) if mode == "bicubic" else out
+    return out.clamp(0.0, 1.0) if clamp and mode == "bicubic" else out
 
 
 def center_crop(frames: Tensor, size: int) -> Tensor:
@@ -94,9 +109,19 @@ def preprocess_dino(frames: Tensor, image_size: int = 224, mode: DinoPreprocessi
     raise ValueError(f"unknown DINO preprocessing {mode!r}; use 'center_crop' or 'shorter_side'")
 
 
-def preprocess_clip(frames: Tensor, image_size: int = 224) -> Tensor:
-    """Float ``[T, 3, H, W]`` in [0, 1] -> CLIP input ``[T, 3, S, S]`` (bicubic, center crop, CLIP mean/std)."""
-    return normalize_channels(center_crop(resize_shorter_side(frames, image_size), image_size), CLIP_MEAN, CLIP_STD)
+def preprocess_clip(frames: Tensor, image_size: int = 224, mode: ClipPreprocessing = "clip") -> Tensor:
+    """Float ``[T, 3, H, W]`` in [0, 1] -> CLIP input ``[T, 3, S, S]`` (bicubic, center crop, CLIP mean/std).
+
+    ``mode="clip"``: antialiased and clamped (CLIP-F / CLIP-T); ``mode="vbench"``: VBench's ``clip_transform``,
+    no antialias and no clamp (background consistency). See the module docstring.
+    """
+    if mode == "clip":
+        resized = resize_shorter_side(frames, image_size, antialias=True, clamp=True)
+    elif mode == "vbench":
+        resized = resize_shorter_side(frames, image_size, antialias=False, clamp=False)
+    else:
+        raise ValueError(f"unknown CLIP preprocessing {mode!r}; use 'clip' (CLIP-F / CLIP-T) or 'vbench'")
+    return normalize_channels(center_crop(resized, image_size), CLIP_MEAN, CLIP_STD)
 
 
 def _pooled(output: Tensor | object) -> Tensor:
@@ -190,20 +215,27 @@ class DinoFeatures(FrameFeatures):
 
 
 class ClipFeatures(FrameFeatures):
-    """CLIP projected image and text embeddings (``CLIPModel.get_image_features`` / ``get_text_features``)."""
+    """CLIP projected image and text embeddings (``CLIPModel.get_image_features`` / ``get_text_features``).
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, batch_size: int = 32) -> None:
+    ``preprocessing``: ``"clip"`` for CLIP-F / CLIP-T, ``"vbench"`` for VBench background consistency.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, batch_size: int = 32,
+                 preprocessing: ClipPreprocessing = "clip") -> None:
+        if preprocessing not in ("clip", "vbench"):
+            raise ValueError(f"unknown CLIP preprocessing {preprocessing!r}; use 'clip' (CLIP-F / CLIP-T) or 'vbench'")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.preprocessing = preprocessing
         self.image_size = int(model.config.vision_config.image_size)
         self.dim = int(model.config.projection_dim)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, batch_size: int = 32,
-                        device: str | torch.device = "cpu") -> "ClipFeatures":
+    def from_pretrained(cls, folder: str | Path, batch_size: int = 32, device: str | torch.device = "cpu",
+                        preprocessing: ClipPreprocessing = "clip") -> "ClipFeatures":
         """Load a folder with a ``CLIPModel`` and its ``CLIPProcessor`` (e.g. openai/clip-vit-base-patch32)."""
         from transformers import CLIPModel, CLIPProcessor
 
@@ -216,14 +248,18 @@ class ClipFeatures(FrameFeatures):
                 f"CLIP processor files (tokenizer + preprocessor_config.json) missing or unreadable in '{path}': "
                 f"{err}. Download the whole repository folder, not just the weights."
             ) from err
-        return cls(model.to(device), processor.tokenizer, batch_size=batch_size)
+        return cls(model.to(device), processor.tokenizer, batch_size=batch_size, preprocessing=preprocessing)
+
+    def with_preprocessing(self, preprocessing: ClipPreprocessing) -> "ClipFeatures":
+        """The same model and tokenizer (shared, not copied) with another image preprocessing."""
+        return ClipFeatures(self.model, self.tokenizer, batch_size=self.batch_size, preprocessing=preprocessing)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def preprocess(self, frames: Tensor) -> Tensor:
-        return preprocess_clip(frames, self.image_size)
+        return preprocess_clip(frames, self.image_size, self.preprocessing)
 
     def _embed_images(self, pixel_values: Tensor) -> Tensor:
         return _pooled(self.model.get_image_features(pixel_values=pixel_values))

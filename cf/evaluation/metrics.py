@@ -9,8 +9,10 @@ All functions take L2-normalised features ``[T, D]`` (they re-normalise to be sa
   - CLIP-F (consecutive frames, the video-editing definition): ``cos(f_{k−1}, f_k)``.
   - CLIP-T: ``100 · max(cos(h_k, e(prompt)), 0)`` (torchmetrics' CLIPScore definition).
 - VBench subject / background consistency: per frame t ≥ 2 (1-based),
-  ``s_t = ½[max(0, cos(f_1, f_t)) + max(0, cos(f_{t−1}, f_t))]``, aggregated frame-weighted over videos:
-  ``Σ_v Σ_t s_t / Σ_v (T_v − 1)``.
+  ``s_t = ½[max(0, cos(f_1, f_t)) + max(0, cos(f_{t−1}, f_t))]``; per video (VBench's ``video_results``)
+  ``Σ_t s_t / (T_v − 1)``; over videos frame-weighted (VBench's dimension score): ``Σ_v Σ_t s_t / Σ_v (T_v − 1)``,
+  which is the mean of the per-video scores weighted by ``T_v − 1`` (the plain mean when all videos have the same
+  length). A video with a single frame has no score (VBench reports 1.0 for it; it adds nothing to the aggregate).
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ def vbench_frame_scores(features: Tensor) -> Tensor:
     to_first = (f[1:] @ f[0]).clamp(min=0.0)
     to_previous = (f[1:] * f[:-1]).sum(-1).clamp(min=0.0)
     return 0.5 * (to_first + to_previous)
+
+
+def vbench_video_consistency(features: Tensor) -> float:
+    """One video's VBench consistency ×100 from ``[T, D]``: ``100 · mean_t s_t``; NaN when ``T < 2``."""
+    scores = vbench_frame_scores(features)
+    return 100.0 * float(scores.double().mean()) if scores.numel() else float("nan")
 
 
 def vbench_consistency(videos: Iterable[Tensor]) -> float:

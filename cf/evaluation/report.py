@@ -7,12 +7,16 @@ same-stem ground-truth ``.json``):
   second (:func:`cf.evaluation.ground_truth.reference_free_metrics`), a pixel similarity-to-first-frame curve and
   its flashback events;
 - with a ground-truth JSON: identity recall after re-entry and background drift / spec error;
-- with ``dino``: windowed DINOv2 score, VBench-style subject consistency, flashbacks on the DINOv2 curve;
-- with ``clip``: windowed CLIP-F (first frame and consecutive), CLIP-T (needs a prompt), VBench-style background
-  consistency, flashbacks on the CLIP curve.
+- with ``dino``: windowed DINOv2 score, VBench subject consistency, flashbacks on the DINOv2 curve;
+- with ``clip``: windowed CLIP-F (first frame and consecutive), CLIP-T (needs a prompt), VBench background
+  consistency (the CLIP model run again with VBench's own preprocessing, see :mod:`cf.evaluation.features`),
+  flashbacks on the CLIP curve.
 
-Folder summaries: windowed metrics are means over the videos that reach each timestamp; VBench consistencies are
-frame-weighted over all videos; identity recall is over all re-entry events of the folder.
+Per video, ``scalars`` holds the VBench scores ``vbench_subject_consistency`` / ``vbench_background_consistency``
+(×100, VBench's per-video ``video_results``). Folder summaries: windowed metrics are means over the videos that reach
+each timestamp; VBench consistencies are frame-weighted over all videos like VBench's dimension score, i.e. the
+per-video scores averaged with weights ``num_frames − 1`` (the plain mean when all videos have the same length);
+identity recall is over all re-entry events of the folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from cf.evaluation.metrics import (
     WindowedScore,
     pixel_similarity_to_first_frame,
     similarity_to_first_frame,
+    vbench_video_consistency,
     windowed_clip_t_score,
     windowed_consecutive_frame_score,
     windowed_first_frame_score,
@@ -121,11 +126,15 @@ def _drop_curves(result: Mapping[str, Any]) -> dict[str, Any]:
 
 def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, prompt: str | None = None,
                    ground_truth: Mapping[str, Any] | None = None, dino: FrameFeatures | None = None,
-                   vbench_dino: FrameFeatures | None = None, clip: FrameFeatures | None = None) -> dict[str, Any]:
+                   vbench_dino: FrameFeatures | None = None, clip: FrameFeatures | None = None,
+                   vbench_clip: FrameFeatures | None = None) -> dict[str, Any]:
     """All metrics of one video (uint8 ``[T, H, W, 3]`` at ``fps``).
 
+    ``vbench_dino`` / ``vbench_clip`` are the extractors of VBench subject / background consistency; by default the
+    ``dino`` extractor, and the ``clip`` model with VBench's preprocessing (``ClipFeatures.with_preprocessing``).
     Returns ``{"windowed": {metric: {t: value}}, "scalars": {...}, "flashbacks": {curve: [...]}, "features": {...},
-    "ground_truth": {...} or None}``; ``features`` holds the ``[T, D]`` tensors the folder summary needs.
+    "ground_truth": {...} or None}``; ``features`` holds the ``[T, D]`` tensors the folder summary needs
+    (``dino``, ``vbench_dino``, ``clip``, ``vbench_clip``).
     """
     window = dict(timestamps=config.timestamps, half_width=config.half_width, min_coverage=config.min_coverage)
     flash = dict(smoothing_s=config.flashback_smoothing_s, min_decline=config.flashback_min_decline,
@@ -160,6 +169,7 @@ def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, pro
         windowed["dinov2"] = windowed_first_frame_score(f, fps, **window)
         flashbacks["dinov2"] = [e.to_dict() for e in detect_flashbacks(similarity_to_first_frame(f), fps, **flash)]
         features["vbench_dino"] = vbench_dino.image_features(frames) if vbench_dino is not None else f
+        scalars["vbench_subject_consistency"] = vbench_video_consistency(features["vbench_dino"])
     if clip is not None:
         f = clip.image_features(frames)
         features["clip"] = f
@@ -168,6 +178,13 @@ def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, pro
         flashbacks["clip"] = [e.to_dict() for e in detect_flashbacks(similarity_to_first_frame(f), fps, **flash)]
         if prompt is not None:
             windowed["clip_t"] = windowed_clip_t_score(f, clip.text_features([prompt])[0], fps, **window)
+        if vbench_clip is None:
+            if not isinstance(clip, ClipFeatures):
+                raise TypeError(f"cannot derive VBench's CLIP preprocessing from a {type(clip).__name__}; "
+                                f"pass vbench_clip= (e.g. ClipFeatures(..., preprocessing='vbench'))")
+            vbench_clip = clip.with_preprocessing("vbench")
+        features["vbench_clip"] = vbench_clip.image_features(frames)
+        scalars["vbench_background_consistency"] = vbench_video_consistency(features["vbench_clip"])
     return {"windowed": windowed, "scalars": scalars, "flashbacks": flashbacks, "features": features,
             "ground_truth": gt_result}
 
@@ -181,7 +198,7 @@ def _unique_labels(folders: Sequence[Path]) -> list[str]:
 
 def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[str, str],
                      dino: FrameFeatures | None, vbench_dino: FrameFeatures | None, clip: FrameFeatures | None,
-                     notes: list[str], label: str) -> dict[str, Any]:
+                     vbench_clip: FrameFeatures | None, notes: list[str], label: str) -> dict[str, Any]:
     videos = sorted(folder.glob("*.mp4"))
     if config.max_videos is not None:
         videos = videos[: config.max_videos]
@@ -203,12 +220,12 @@ def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[st
         missing_prompts += prompt is None
         gt_file = path.with_suffix(".json")
         ground_truth = json.loads(gt_file.read_text(encoding="utf-8")) if gt_file.is_file() else None
-        result = evaluate_video(frames, fps, config, prompt, ground_truth, dino, vbench_dino, clip)
+        result = evaluate_video(frames, fps, config, prompt, ground_truth, dino, vbench_dino, clip, vbench_clip)
         features = result.pop("features")
         if "vbench_dino" in features:
             subject.update(features["vbench_dino"])
-        if "clip" in features:
-            background.update(features["clip"])
+        if "vbench_clip" in features:
+            background.update(features["vbench_clip"])
         for name, scores in result["windowed"].items():
             windowed_metrics.setdefault(name, WindowedScore(config.timestamps)).update(scores)
         if result["ground_truth"] is not None:
@@ -310,7 +327,7 @@ def evaluate_folders(folders: Sequence[str | Path], out_dir: str | Path, *, prom
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(prompts_file) if prompts_file is not None else {}
     notes = []
-    dino_model = vbench_model = clip_model = None
+    dino_model = vbench_model = clip_model = vbench_clip_model = None
     if dino is not None:
         dino_model = DinoFeatures.from_pretrained(dino, image_size=dino_image_size, batch_size=batch_size,
                                                   device=device)
@@ -325,12 +342,14 @@ def evaluate_folders(folders: Sequence[str | Path], out_dir: str | Path, *, prom
         notes.append("no --dino model folder: DINOv2 score and VBench subject consistency were not computed")
     if clip is not None:
         clip_model = ClipFeatures.from_pretrained(clip, batch_size=batch_size, device=device)
+        vbench_clip_model = clip_model.with_preprocessing("vbench")
     else:
         notes.append("no --clip model folder: CLIP-F, CLIP-T and VBench background consistency were not computed")
     labels = _unique_labels(folder_paths)
     models = {}
     for label, folder in zip(labels, folder_paths):
-        models[label] = _evaluate_folder(folder, config, prompts, dino_model, vbench_model, clip_model, notes, label)
+        models[label] = _evaluate_folder(folder, config, prompts, dino_model, vbench_model, clip_model,
+                                         vbench_clip_model, notes, label)
     settings = asdict(config)
     settings.update(dino=str(dino) if dino else None, vbench_dino=str(vbench_dino) if vbench_dino else None,
                     clip=str(clip) if clip else None, dino_image_size=dino_image_size)
