@@ -1,4 +1,4 @@
-"""MP4 video reading and writing with PyAV (H.264, yuv420p).
+"""MP4 video reading and writing with PyAV (H.264, yuv420p; or lossless PNG frames with ``lossless=True``).
 
 Frames are uint8 RGB arrays ``[T, H, W, 3]``. H.264 with yuv420p needs even sizes: an odd height or width is padded
 by repeating the last row or column (never cropped), so a ``[T, 63, 65, 3]`` clip is stored as ``[T, 64, 66, 3]``.
@@ -104,6 +104,9 @@ class Mp4Writer:
 
     The frame size is fixed by the first chunk (odd sizes padded to even, see the module docstring).
     ``crf`` is x264's constant rate factor (0 = lossless luma, 18 = visually lossless, 23 = x264 default).
+    ``lossless=True`` stores the RGB frames exactly instead (every frame a PNG image in the mp4; ``crf`` and
+    ``preset`` are ignored): the same frames always give the same bytes, and decoding is exact and several times
+    faster than H.264's. ffmpeg-based tools (PyAV, ffplay, VLC) play such files; browsers do not.
     """
 
     def __init__(
@@ -112,11 +115,13 @@ class Mp4Writer:
         fps: float | Fraction = 16,
         crf: int = 18,
         preset: str = "medium",
+        lossless: bool = False,
     ) -> None:
         self.path = path
         self.fps = as_fraction(fps)
         self.crf = int(crf)
         self.preset = preset
+        self.lossless = bool(lossless)
         self.frames_written = 0
         self._container: av.container.OutputContainer | None = None
         self._stream = None
@@ -130,10 +135,14 @@ class Mp4Writer:
             if not os.path.isdir(parent):
                 raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist")
         self._container = av.open(target, mode="w", format="mp4")
-        stream = self._container.add_stream(
-            "libx264", rate=self.fps, options={"crf": str(self.crf), "preset": self.preset}
-        )
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if self.lossless:
+            stream = self._container.add_stream("png", rate=self.fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        else:
+            stream = self._container.add_stream(
+                "libx264", rate=self.fps, options={"crf": str(self.crf), "preset": self.preset}
+            )
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         self._stream = stream
         self._size = (height, width)
 
@@ -176,10 +185,11 @@ class Mp4Writer:
 
 
 def encode_mp4(frames_uint8: np.ndarray | torch.Tensor, fps: float | Fraction = 16, crf: int = 18,
-               preset: str = "medium") -> bytes:
-    """Encode a whole clip to mp4 bytes. ``frames_uint8``: ``[T, H, W, 3]`` uint8 (or float ``[3, T, H, W]``)."""
+               preset: str = "medium", lossless: bool = False) -> bytes:
+    """Encode a whole clip to mp4 bytes. ``frames_uint8``: ``[T, H, W, 3]`` uint8 (or float ``[3, T, H, W]``);
+    ``lossless`` as in :class:`Mp4Writer`."""
     buffer = io.BytesIO()
-    with Mp4Writer(buffer, fps=fps, crf=crf, preset=preset) as writer:
+    with Mp4Writer(buffer, fps=fps, crf=crf, preset=preset, lossless=lossless) as writer:
         writer.write(frames_uint8)
     return buffer.getvalue()
 

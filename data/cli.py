@@ -46,7 +46,7 @@ def run_synth(args: argparse.Namespace) -> None:
     result = write_synthetic_shards(
         args.out, num_clips=args.num_clips, seed=args.seed, splits=splits, maxcount=args.maxcount,
         height=args.height, width=args.width, fps=args.fps, min_seconds=args.min_seconds,
-        max_seconds=args.max_seconds, num_workers=args.workers,
+        max_seconds=args.max_seconds, crf=args.crf, unnamed_fraction=args.unnamed_fraction, num_workers=args.workers,
     )
     for split, info in result.items():
         print(f"{split}: {info['num_clips']} clips  urls={info['urls']}  prompts={info['prompts']}")
@@ -92,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     synth.add_argument("--min-seconds", type=float, default=10.0)
     synth.add_argument("--max-seconds", type=float, default=30.0)
     synth.add_argument("--maxcount", type=int, default=64, help="clips per shard (default 64)")
+    synth.add_argument("--unnamed-fraction", type=float, default=0.0,
+                       help="fraction of clips whose caption names only the sprite count and the texture, "
+                            "e.g. 'two shapes on a striped background' (default 0)")
+    synth.add_argument("--crf", type=int, default=None,
+                       help="store lossy H.264 at this crf instead of lossless RGB (default: lossless, "
+                            "byte-reproducible)")
     synth.add_argument("--workers", type=int, default=None, help="rendering processes (default: up to 2)")
     synth.set_defaults(func=run_synth)
 

@@ -57,9 +57,14 @@ def brace_url(out_pattern: str, num_shards: int) -> str:
 
 
 class ShardSink:
-    """A ``webdataset.ShardWriter`` that creates the output folder and reports the brace URL of what it wrote."""
+    """A ``webdataset.ShardWriter`` that creates the output folder and reports the brace URL of what it wrote.
 
-    def __init__(self, out_pattern: str, maxcount: int = 1000, maxsize: float = 3e9) -> None:
+    ``mtime`` (seconds since the epoch) stamps every tar member; a fixed value makes the same samples give the same
+    shard bytes (default: the time of writing).
+    """
+
+    def __init__(self, out_pattern: str, maxcount: int = 1000, maxsize: float = 3e9,
+                 mtime: float | None = None) -> None:
         _check_pattern(out_pattern)
         if maxcount < 1:
             raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -67,13 +72,14 @@ class ShardSink:
         os.makedirs(folder, exist_ok=True)
         self.out_pattern = out_pattern
         self._writer: wds.ShardWriter | None = None
-        self._maxcount, self._maxsize = maxcount, maxsize
+        self._maxcount, self._maxsize, self._mtime = maxcount, maxsize, mtime
         self.num_samples = 0
         self.num_shards = 0
 
     def write(self, sample: dict[str, Any]) -> None:
         if self._writer is None:  # ShardWriter creates its first file at construction; only do that for real data
-            self._writer = wds.ShardWriter(self.out_pattern, maxcount=self._maxcount, maxsize=self._maxsize, verbose=0)
+            self._writer = wds.ShardWriter(self.out_pattern, maxcount=self._maxcount, maxsize=self._maxsize,
+                                           verbose=0, mtime=self._mtime)
         self._writer.write(sample)
         self.num_samples += 1
         self.num_shards = self._writer.shard

@@ -6,6 +6,9 @@ and re-enter, possibly from another side. A model that forgets what left the fra
 evaluation can measure against the ground truth. Defaults: 64x64 pixels, 16 fps, 10-30 s.
 
 The ground truth is the json of ``docs/interfaces.md``; :func:`render_clip` turns it back into the exact frames.
+Captions name every sprite and the background, or (a chosen fraction of clips) only the sprite count and the texture
+("two shapes on a striped background"): then what a sprite looked like before it left the frame can only come from
+the video itself. Shards store the frames losslessly, so a dataset is the same bytes whenever it is rebuilt.
 Rendering rules (pixel (row r, column c) has its centre at (x, y) = (c + 0.5, r + 0.5); a sprite of ``size`` s at
 (x0, y0) with d = (x - x0, y - y0) and h = s / 2 covers):
   circle: |d| <= h;  square: max(|dx|, |dy|) <= h;  diamond: |dx| + |dy| <= h;
@@ -39,7 +42,10 @@ __all__ = [
     "render_clip",
     "render_background",
     "sprite_masks",
+    "CAPTION_NAMES",
     "caption_for",
+    "caption_is_named",
+    "caption_record",
     "clip_seed",
     "write_synthetic_shards",
 ]
@@ -69,6 +75,11 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 TEXTURES: tuple[str, ...] = ("flat", "stripes", "checker", "gradient")
 _TEXTURE_WORDS = {"flat": "plain", "stripes": "striped", "checker": "checkered", "gradient": "gradient"}
+_COUNT_WORDS = {1: "a shape", 2: "two shapes", 3: "three shapes", 4: "four shapes"}
+# what a caption can name (json "caption": {"names": [...]}); an unnamed caption names only the last two
+CAPTION_NAMES: tuple[str, ...] = ("background_color", "sprite_colors", "sprite_shapes", "background_texture",
+                                  "sprite_count")
+_UNNAMED_NAMES = CAPTION_NAMES[3:]
 
 
 def clip_seed(seed: int, index: int) -> int:
@@ -186,14 +197,26 @@ def _color_name(color: Any, palette: Mapping[str, tuple[int, int, int]]) -> str:
     return "rgb({}, {}, {})".format(*color)
 
 
-def caption_for(spec: Mapping[str, Any]) -> str:
-    """Caption describing a clip, e.g. 'a red circle and a blue square on a navy striped background'."""
+def caption_for(spec: Mapping[str, Any], named: bool = True) -> str:
+    """Caption of a clip. Named: every sprite and the background, e.g. 'a red circle and a blue square on a navy
+    striped background'. Unnamed (``named=False``): only the sprite count and the texture, e.g. 'two shapes on a
+    striped background', so what each sprite and the background look like is not in the text."""
+    background = spec["background"]
+    texture = _TEXTURE_WORDS[background["texture"]]
+    if not named:
+        count = len(spec["sprites"])
+        return f"{_COUNT_WORDS.get(count, f'{count} shapes')} on a {texture} background"
     names = [_color_name(s["color"], SPRITE_COLORS) for s in spec["sprites"]]
     things = [f"{'an' if name[0] in 'aeiou' else 'a'} {name} {s['shape']}" for name, s in zip(names, spec["sprites"])]
     listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-    background = spec["background"]
-    return (f"{listed} on a {_color_name(background['color'], BACKGROUND_COLORS)} "
-            f"{_TEXTURE_WORDS[background['texture']]} background")
+    return f"{listed} on a {_color_name(background['color'], BACKGROUND_COLORS)} {texture} background"
+
+
+def caption_record(spec: Mapping[str, Any], named: bool = True) -> dict[str, Any]:
+    """The json's ``caption``: the caption ``text``, the attributes it ``names`` (of :data:`CAPTION_NAMES`) and the
+    ``named`` caption that names every attribute (the same text when ``named``)."""
+    return {"text": caption_for(spec, named), "names": list(CAPTION_NAMES if named else _UNNAMED_NAMES),
+            "named": caption_for(spec, True)}
 
 
 def make_clip_spec(seed: int, height: int = 64, width: int = 64, fps: int = 16, min_seconds: float = 10.0,
@@ -237,13 +260,21 @@ def make_clip_spec(seed: int, height: int = 64, width: int = 64, fps: int = 16, 
             "width": int(width), "seed": int(seed), "background": background, "sprites": sprites}
 
 
+def caption_is_named(seed: int, unnamed_fraction: float) -> bool:
+    """Whether the clip of seed ``seed`` gets the named caption (else the unnamed one, with probability
+    ``unnamed_fraction``); drawn from its own stream, so the clip itself does not change."""
+    return not float(np.random.default_rng([int(seed), 1]).random()) < unnamed_fraction
+
+
 def _synthesize(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     key, seed, options = job
-    crf = options.pop("crf")
+    crf, unnamed_fraction = options.pop("crf"), options.pop("unnamed_fraction")
     spec = make_clip_spec(seed, **options)
+    named = caption_is_named(seed, unnamed_fraction)
     frames = render_clip(spec)
-    return {"__key__": key, "mp4": encode_mp4(frames, fps=spec["fps"], crf=crf), "txt": caption_for(spec),
-            "json": json.dumps(spec)}
+    video = encode_mp4(frames, fps=spec["fps"], crf=18 if crf is None else crf, lossless=crf is None)
+    return {"__key__": key, "mp4": video, "txt": caption_for(spec, named),
+            "json": json.dumps({**spec, "caption": caption_record(spec, named)})}
 
 
 def _parallel_map(function, jobs: list, num_workers: int) -> Iterator:
@@ -266,17 +297,24 @@ def write_synthetic_shards(
     fps: int = 16,
     min_seconds: float = 10.0,
     max_seconds: float = 30.0,
-    crf: int = 18,
+    crf: int | None = None,
+    unnamed_fraction: float = 0.0,
     num_workers: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Render ``num_clips`` clips into ``out_dir/<split>/shard-%06d.tar`` plus ``out_dir/<split>/prompts.txt``.
 
     ``splits`` maps split names to clip counts summing to ``num_clips``; default: 10 % (at least 1) for "val", the
     rest for "train". Clip i (counted over all splits in order) has seed ``clip_seed(seed, i)`` and key
-    ``<split>-<i:06d>``. Returns, per split, ``{"urls": brace URL, "prompts": path, "num_clips": n}``.
+    ``<split>-<i:06d>``. Videos are stored losslessly (``crf=None``; :func:`cf.video_io.encode_mp4` with
+    ``lossless=True``) and tar members carry a fixed time, so the same arguments give byte-identical shards;
+    ``crf`` stores lossy H.264 instead. A fraction ``unnamed_fraction`` of the clips (drawn per clip, see
+    :func:`caption_is_named`) get the unnamed caption; the json keeps the full ground truth and its ``caption``
+    record (:func:`caption_record`). Returns, per split, ``{"urls": brace URL, "prompts": path, "num_clips": n}``.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if not 0.0 <= unnamed_fraction <= 1.0:
+        raise ValueError(f"unnamed_fraction must lie in [0, 1], got {unnamed_fraction}")
     if splits is None:
         num_val = max(1, round(0.1 * num_clips)) if num_clips > 1 else 0
         splits = {"train": num_clips - num_val, "val": num_val}
@@ -286,7 +324,8 @@ def write_synthetic_shards(
     from data.shards import ShardSink  # webdataset is only needed when writing
 
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
-    options = dict(height=height, width=width, fps=fps, min_seconds=min_seconds, max_seconds=max_seconds, crf=crf)
+    options = dict(height=height, width=width, fps=fps, min_seconds=min_seconds, max_seconds=max_seconds, crf=crf,
+                   unnamed_fraction=float(unnamed_fraction))
     jobs, index = [], 0
     for name, count in splits.items():
         for _ in range(count):
@@ -296,7 +335,7 @@ def write_synthetic_shards(
     start, total_frames = time.perf_counter(), 0
     try:
         for name in splits:
-            sinks[name] = ShardSink(os.path.join(out_dir, name, "shard-%06d.tar"), maxcount=maxcount)
+            sinks[name] = ShardSink(os.path.join(out_dir, name, "shard-%06d.tar"), maxcount=maxcount, mtime=0)
         samples = _parallel_map(_synthesize, [job for _, job in jobs], num_workers)
         for (name, _), sample in zip(jobs, tqdm(samples, total=len(jobs), desc="synthetic clips", unit="clip")):
             sinks[name].write(sample)

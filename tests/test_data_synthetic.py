@@ -12,7 +12,10 @@ from data.synthetic import (
     BACKGROUND_COLORS,
     SHAPES,
     SPRITE_COLORS,
+    CAPTION_NAMES,
     caption_for,
+    caption_is_named,
+    caption_record,
     clip_seed,
     make_clip_spec,
     render_clip,
@@ -195,15 +198,32 @@ def test_caption_names_the_content():
     spec["sprites"] += [second, third]
     assert caption_for(spec) == ("a red circle, an orange square and a blue diamond "
                                  "on a dark green striped background")
+    assert caption_for(spec, named=False) == "three shapes on a striped background"
+    spec["sprites"] = spec["sprites"][:1]
+    spec["background"]["texture"] = "checker"
+    assert caption_for(spec, named=False) == "a shape on a checkered background"
+    record = caption_record(spec, named=False)
+    assert record == {"text": "a shape on a checkered background", "names": ["background_texture", "sprite_count"],
+                      "named": "a red circle on a dark green checkered background"}
+    assert caption_record(spec)["names"] == list(CAPTION_NAMES)
+
+
+def test_unnamed_captions_follow_their_fraction_per_clip():
+    seeds = [clip_seed(0, i) for i in range(2000)]
+    assert all(caption_is_named(s, 0.0) for s in seeds) and not any(caption_is_named(s, 1.0) for s in seeds)
+    named = np.array([caption_is_named(s, 0.3) for s in seeds])
+    assert abs((~named).mean() - 0.3) < 0.04  # binomial sd 0.01
+    # nested: a clip unnamed at fraction 0.3 stays unnamed at 0.6 (one uniform draw per clip)
+    assert all(not caption_is_named(s, 0.6) for s, n in zip(seeds, named) if not n)
 
 
 def test_write_synthetic_shards_round_trip(tmp_path, capsys):
     result = write_synthetic_shards(str(tmp_path), num_clips=6, seed=7, splits={"train": 4, "val": 2}, maxcount=3,
-                                    min_seconds=1.0, max_seconds=2.0, num_workers=2)
+                                    min_seconds=1.0, max_seconds=2.0, unnamed_fraction=0.5, num_workers=2)
     assert "clips" in capsys.readouterr().out  # the timing line
     assert result["train"]["num_clips"] == 4 and result["val"]["num_clips"] == 2
     assert result["train"]["urls"] == str(tmp_path / "train" / "shard-{000000..000001}.tar")
-    index = 0
+    index, captions_seen = 0, set()
     for split in ("train", "val"):
         prompts = (tmp_path / split / "prompts.txt").read_text().splitlines()
         members = {}
@@ -215,17 +235,27 @@ def test_write_synthetic_shards_round_trip(tmp_path, capsys):
         assert len(keys) == len(prompts) == result[split]["num_clips"]
         for key, prompt in zip(keys, prompts):
             assert key == f"{split}-{index:06d}"
-            spec = json.loads(members[f"{key}.json"])
-            assert spec == make_clip_spec(clip_seed(7, index), min_seconds=1.0, max_seconds=2.0)
-            assert members[f"{key}.txt"].decode() == prompt == caption_for(spec)
+            stored = json.loads(members[f"{key}.json"])
+            caption = stored.pop("caption")
+            spec = make_clip_spec(clip_seed(7, index), min_seconds=1.0, max_seconds=2.0)
+            assert stored == spec
+            named = caption_is_named(clip_seed(7, index), 0.5)
+            captions_seen.add(named)
+            assert caption == caption_record(spec, named)
+            assert members[f"{key}.txt"].decode() == prompt == caption["text"] == caption_for(spec, named)
             frames, fps = decode_mp4(members[f"{key}.mp4"])
-            rendered = render_clip(spec)
-            assert fps == 16 and frames.shape == rendered.shape
-            error = np.abs(frames.astype(float) - rendered)
-            assert np.median(error) <= 2 and error.mean() < 6  # H.264 + yuv420p: small except at colour edges
-            for sprite in spec["sprites"]:  # identities survive compression: colour at the centre of the sprite
-                for t in range(0, spec["num_frames"], 5):
-                    col, row = int(sprite["track"]["x"][t]), int(sprite["track"]["y"][t])
-                    if 4 <= col < 60 and 4 <= row < 60 and len(spec["sprites"]) == 1:
-                        assert np.abs(frames[t, row, col].astype(int) - sprite["color"]).max() < 40
+            assert fps == 16 and np.array_equal(frames, render_clip(spec))  # stored losslessly
             index += 1
+    assert captions_seen == {True, False}  # this seed draws both kinds
+
+
+def test_same_seed_gives_byte_identical_shards(tmp_path):
+    options = dict(num_clips=3, seed=3, splits={"train": 2, "val": 1}, min_seconds=1.0, max_seconds=1.5,
+                   unnamed_fraction=0.5)
+    write_synthetic_shards(str(tmp_path / "a"), num_workers=1, **options)
+    write_synthetic_shards(str(tmp_path / "b"), num_workers=2, **options)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert [str(f) for f in files] == ["train/prompts.txt", "train/shard-000000.tar", "val/prompts.txt",
+                                       "val/shard-000000.tar"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -35,6 +35,16 @@ def test_round_trip_keeps_frames_fps_and_size():
     assert np.abs(decoded.astype(int) - frames.astype(int)).max() <= 6
 
 
+def test_lossless_mode_keeps_every_value_and_repeats_its_bytes():
+    frames = np.random.default_rng(0).integers(0, 256, size=(9, 16, 24, 3), dtype=np.uint8)  # no smooth structure
+    data = encode_mp4(frames, fps=16, lossless=True)
+    decoded, fps = decode_mp4(data)
+    assert fps == 16.0 and np.array_equal(decoded, frames)
+    assert encode_mp4(frames, fps=16, lossless=True) == data
+    lossy, _ = decode_mp4(encode_mp4(frames, fps=16))
+    assert not np.array_equal(lossy, frames)  # the default (yuv420p) path does lose information
+
+
 def test_fractional_frame_rate_is_kept():
     assert as_fraction(30000 / 1001) == Fraction(30000, 1001)
     assert as_fraction(29.97) == Fraction(2997, 100)
