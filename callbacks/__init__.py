@@ -11,7 +11,7 @@ _EXPORTS = {
     "VideoLogger": "callbacks.video_logger",
     "SkippedSamplesLogger": "callbacks.data_health",
     "LongVideoEval": "callbacks.long_video_eval",
-    "ThroughputMonitor": "callbacks.throughput",
+    "StreamThroughputMonitor": "callbacks.throughput",
     "measure_stream_throughput": "callbacks.throughput",
 }
 

@@ -12,9 +12,6 @@ communication and each rank's checkpoint holds its partition. Swapping in, ``ema
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
@@ -22,6 +19,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+
+from cf.export import read_ema_weights
+from cf.zero import rank_and_world
 
 __all__ = ["EMA"]
 
@@ -49,12 +49,6 @@ def _shadow_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _current_rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather_partition(param: Tensor, local: Tensor) -> Tensor:
     """Reassemble a full ZeRO-3 tensor from every rank's flat partition (collective over the param's group)."""
     group = getattr(param, "ds_process_group", None)
@@ -77,17 +71,6 @@ def _write_partitioned(param: Tensor, local_value: Tensor) -> None:
     source_rank = dist.get_global_rank(group, 0) if (dist.is_initialized() and group is not None) else 0
     with deepspeed.zero.GatheredParameters([param], modifier_rank=source_rank):
         param.data.copy_(full.to(dtype=param.dtype, device=param.data.device))
-
-
-def _merge_partitions(per_rank_shadows: list[dict[str, Tensor]], layout: dict[str, dict]) -> dict[str, Tensor]:
-    merged = {}
-    for name, info in layout.items():
-        if info["partitioned"]:
-            flat = torch.cat([shadow[name].reshape(-1) for shadow in per_rank_shadows])
-            merged[name] = flat[: info["numel"]].view(tuple(info["shape"])).clone()
-        else:
-            merged[name] = per_rank_shadows[0][name]
-    return merged
 
 
 class EMA(Callback):
@@ -192,63 +175,7 @@ class EMA(Callback):
         finally:
             self._swap_out(pl_module)
 
-    @staticmethod
-    def read_ema_weights(checkpoint_path: str | os.PathLike, attribute: str | None = None) -> dict[str, Tensor]:
-        """EMA weights from a saved Lightning checkpoint, keyed like the tracked module's ``state_dict()``.
-
-        ``checkpoint_path`` is a ``.ckpt`` file, or a DeepSpeed checkpoint directory (its per-rank
-        ``*model_states.pt`` files are merged). ``attribute`` picks one EMA when the checkpoint holds several.
-        Checkpoints are unpickled (``weights_only=False``): read only files you trust.
-        """
-        path = Path(checkpoint_path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"checkpoint {path} does not exist; pass a .ckpt file or a DeepSpeed checkpoint directory"
-            )
-        if path.is_dir():
-            files = sorted(glob.glob(str(path / "**" / "*model_states.pt"), recursive=True))
-            if not files:
-                raise FileNotFoundError(
-                    f"{path} is a directory without DeepSpeed '*model_states.pt' files; pass a Lightning .ckpt file "
-                    "or a DeepSpeed checkpoint directory"
-                )
-            checkpoints = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-        else:
-            checkpoints = [torch.load(path, map_location="cpu", weights_only=False)]
-
-        states = [EMA._find_state(ckpt, attribute, path) for ckpt in checkpoints]
-        states = [s for s in states if s is not None]
-        if not states:
-            raise ValueError(
-                f"checkpoint {path} holds no EMA callback state"
-                + (f" for attribute {attribute!r}" if attribute else "")
-                + "; was it saved by a Trainer with the EMA callback?"
-            )
-        first = states[0]
-        if first["shadow"] is None:
-            raise ValueError(
-                f"the EMA in {path} had not started when it was saved (start_step={first['start_step']} not reached)"
-            )
-        by_rank = {}
-        for state in states:
-            by_rank.setdefault(state["rank"], state)
-        layout = first["layout"]
-        if any(info["partitioned"] for info in layout.values()):
-            world = first["world_size"]
-            missing = [r for r in range(world) if r not in by_rank]
-            if missing:
-                raise ValueError(
-                    f"the EMA in {path} is ZeRO-3 partitioned over {world} ranks but the states of ranks {missing} "
-                    "are missing; pass the whole DeepSpeed checkpoint directory"
-                )
-            params = _merge_partitions([by_rank[r]["shadow"] for r in range(world)], layout)
-        else:
-            params = {name: tensor.clone() for name, tensor in first["shadow"].items()}
-        weights = dict(first["buffers"])
-        weights.update(params)
-        for alias, name in first.get("aliases", {}).items():
-            weights[alias] = params[name]
-        return {key: weights[key] for key in first["key_order"] if key in weights}
+    read_ema_weights = staticmethod(read_ema_weights)  # EMA weights of a saved checkpoint (`cf.export`)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -297,7 +224,7 @@ class EMA(Callback):
         self.on_validation_end(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        rank, world = _current_rank_and_world()
+        rank, world = rank_and_world()
         buffers, aliases, key_order = {}, {}, []
         if self._module is not None:
             primary_names = self._primary_names(self._module)
@@ -336,7 +263,7 @@ class EMA(Callback):
         shadow = state_dict["shadow"]
         self._shadow = None if shadow is None else {name: tensor.clone() for name, tensor in shadow.items()}
         if self._shadow is not None and any(info["partitioned"] for info in self._layout.values()):
-            rank, world = _current_rank_and_world()
+            rank, world = rank_and_world()
             if (rank, world) != (state_dict["rank"], state_dict["world_size"]):
                 raise RuntimeError(
                     f"the EMA state was saved by rank {state_dict['rank']} of {state_dict['world_size']} ZeRO-3 ranks "
@@ -347,21 +274,6 @@ class EMA(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _find_state(checkpoint: dict, attribute: str | None, path: Path) -> dict | None:
-        callbacks = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
-        found = [
-            state
-            for key, state in callbacks.items()
-            if isinstance(key, str) and key.startswith("EMA") and isinstance(state, dict) and "shadow" in state
-        ]
-        if attribute is not None:
-            found = [state for state in found if state["attribute"] == attribute]
-        if len(found) > 1:
-            names = sorted(state["attribute"] for state in found)
-            raise ValueError(f"checkpoint {path} holds several EMA states ({names}); pass attribute= to pick one")
-        return found[0] if found else None
 
     @staticmethod
     def _primary_names(module: nn.Module) -> dict[int, str]:

@@ -60,7 +60,7 @@ _NOT_METRICS = ("num_frames", "fps", "duration_s")  # per-video scalars of evalu
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared by the generation callbacks (this one and callbacks.throughput.ThroughputMonitor)
+# Shared by the generation callbacks (this one and callbacks.throughput.StreamThroughputMonitor)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -79,20 +79,18 @@ class StudentGeneration:
     def from_module(cls, pl_module: nn.Module, memory: str | Mapping[str, Any] | None = None) -> "StudentGeneration":
         """Read the generator and its settings from ``pl_module``; ``memory``: a preset name or `MemoryConfig`
         fields replacing the module's memory (a preset brings its own keyframe rule)."""
-        required = ("generator", "embed", "autoencoder", "memory_config", "rollout_config",
-                    "hparams")
+        required = ("generator", "generator_spec", "embed", "autoencoder")
         missing = [name for name in required if not hasattr(pl_module, name)]
         if missing:
             raise TypeError(f"{type(pl_module).__name__} lacks {missing}: the generation callbacks need a "
                             "cf.lit.student.CDMDStudent (or a module with the same generator interface)")
         if getattr(pl_module, "built", True) is False:
             raise RuntimeError("the student's networks are not built yet (configure_model has not run)")
-        hp = pl_module.hparams
-        fpc = int(hp.frames_per_chunk)
-        config = pl_module.memory_config if memory is None else resolve_memory(memory, fpc)
-        return cls(generator=pl_module.generator, memory=config,
-                   sampling=pl_module.rollout_config.sampling, latent_size=tuple(int(s) for s in hp.latent_size),
-                   fps=int(hp.fps), frames_per_chunk=fpc)
+        spec = pl_module.generator_spec()
+        fpc = int(spec.frames_per_chunk)
+        config = spec.memory_config() if memory is None else resolve_memory(memory, fpc)
+        return cls(generator=pl_module.generator, memory=config, sampling=SamplingConfig(**spec.sampling),
+                   latent_size=tuple(int(s) for s in spec.latent_size), fps=int(spec.fps), frames_per_chunk=fpc)
 
     def num_latent_frames(self, seconds: float) -> int:
         """Latent frames of a ``seconds`` video, whole chunks (``1 + 4(n − 1)`` pixel frames)."""

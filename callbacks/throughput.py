@@ -35,7 +35,7 @@ from callbacks.long_video_eval import PeriodicGeneration, StudentGeneration, log
 from cf.memory import KeyframePolicy, MemoryConfig
 from cf.rollout import SamplingConfig, stream
 
-__all__ = ["ThroughputMonitor", "measure_stream_throughput", "format_throughput"]
+__all__ = ["StreamThroughputMonitor", "measure_stream_throughput", "format_throughput"]
 
 _MIB = 1024.0 * 1024.0
 
@@ -185,7 +185,7 @@ def format_throughput(result: dict[str, Any], fps: float | None = None) -> str:
             + ("" if result["includes_decode"] else ", decode not included"))
 
 
-class ThroughputMonitor(PeriodicGeneration):
+class StreamThroughputMonitor(PeriodicGeneration):
     """Measure the student's streaming throughput during training (`measure_stream_throughput`, batch 1).
 
     Logs ``<prefix>/pixel_fps``, ``pixel_fps_overall``, ``first_chunk_latency_s``, ``chunk_ms_mean``,
@@ -210,9 +210,9 @@ class ThroughputMonitor(PeriodicGeneration):
                  memory: str | dict[str, Any] | None = None, prefix: str = "throughput") -> None:
         super().__init__(every_n_steps, at_fit_end)
         if seconds <= 0:
-            raise ValueError(f"ThroughputMonitor: seconds must be positive, got {seconds}")
+            raise ValueError(f"StreamThroughputMonitor: seconds must be positive, got {seconds}")
         if warmup_chunks < 0:
-            raise ValueError(f"ThroughputMonitor: warmup_chunks must be >= 0, got {warmup_chunks}")
+            raise ValueError(f"StreamThroughputMonitor: warmup_chunks must be >= 0, got {warmup_chunks}")
         if isinstance(memory, str):
             MemoryConfig.preset(memory)  # unknown names fail now
         self.seconds = float(seconds)
@@ -236,4 +236,4 @@ class ThroughputMonitor(PeriodicGeneration):
                  "chunk_ms_late", "peak_memory_mib")
         log_scalars(trainer, {f"{self.prefix}/{name}": float(result[name]) for name in names
                                if math.isfinite(result[name])})
-        rank_zero_info(f"ThroughputMonitor at step {trainer.global_step}: {format_throughput(result, setup.fps)}")
+        rank_zero_info(f"StreamThroughputMonitor at step {trainer.global_step}: {format_throughput(result, setup.fps)}")

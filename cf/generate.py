@@ -9,85 +9,20 @@ chunk grows with the length of the video (with a bounded memory preset).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from cf.encoders import build_autoencoder, build_text_encoder
-from cf.memory import MemoryConfig
-from cf.models.wan import CausalWanDiT, WanConfig
+from cf.export import GeneratorSpec, read_generator_weights
+from cf.models.wan import CausalWanDiT
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
-from cf.weights import load_into, normalize_state_dict, read_state_dict
-
-
-@dataclass
-class GeneratorSpec:
-    """Everything needed to rebuild a generator besides its weights."""
-
-    wan_config: dict = field(default_factory=lambda: asdict(WanConfig.tiny()))
-    frames_per_chunk: int = 3
-    autoencoder: str = "toy"
-    autoencoder_kwargs: dict = field(default_factory=dict)
-    text_encoder: str = "hashed"
-    text_encoder_kwargs: dict = field(default_factory=dict)
-    latent_size: tuple[int, int] = (8, 8)
-    fps: int = 16
-    memory: dict = field(default_factory=dict)  # MemoryConfig fields, keyframe rule included; empty: slow_fast
-    sampling: dict = field(default_factory=dict)  # SamplingConfig fields
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "GeneratorSpec":
-        raw = dict(raw)
-        legacy = raw.pop("keyframes", None)  # exports that stored the keyframe rule beside the memory
-        if legacy:
-            raw["memory"] = {"keyframes": legacy.get("policy", "similarity"),
-                             "threshold": legacy.get("threshold", 0.95),
-                             "keyframe_interval_frames": legacy.get("interval_frames") or 6,
-                             **raw.get("memory", {})}
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "GeneratorSpec | None":
-        """The spec a `CDMDStudent` stores in its Lightning `.ckpt` files (None when absent)."""
-        from cf.lit.student import GENERATOR_SPEC_KEY
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        raw = checkpoint.get(GENERATOR_SPEC_KEY) if isinstance(checkpoint, dict) else None
-        return cls.from_dict(raw) if raw else None
-
-    @classmethod
-    def load(cls, path: str | Path) -> "GeneratorSpec":
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"generator config {path} not found: pass --config, or place the config.json written by the "
-                "student's export next to the weights"
-            )
-        return cls.from_dict(json.loads(path.read_text()))
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
-
-    def model_config(self) -> WanConfig:
-        return WanConfig(**self.wan_config)
-
-    def memory_config(self, preset: str | None = None, keyframes: str | None = None) -> MemoryConfig:
-        """The memory this generator was trained with, or the `preset` instead; `keyframes` replaces its rule."""
-        if preset:
-            config = MemoryConfig.preset(preset, frames_per_chunk=self.frames_per_chunk)
-        else:
-            config = MemoryConfig(**{"frames_per_chunk": self.frames_per_chunk, **self.memory})
-        return replace(config, keyframes=keyframes) if keyframes else config
+from cf.weights import load_into
 
 
 def latent_frames_for(seconds: float, fps: int, frames_per_chunk: int) -> int:
@@ -101,34 +36,13 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "video"
 
 
-def read_student_weights(path: str | Path, use_ema: bool = True) -> dict:
-    """Generator weights (original Wan names) from a Wan-layout file/folder, or from a Lightning checkpoint of the
-    student (`.ckpt` file or DeepSpeed checkpoint folder): its EMA weights when it has them, else the generator's."""
-    from callbacks.ema import EMA
-    from cf.lit.student import read_generator_weights
-
-    path = Path(path)
-    is_checkpoint = path.suffix == ".ckpt" or (path.is_dir() and any(path.rglob("*model_states.pt")))
-    if not is_checkpoint:
-        return normalize_state_dict(read_state_dict(path))
-    if use_ema:
-        try:
-            return normalize_state_dict(EMA.read_ema_weights(path, attribute="generator"))
-        except ValueError as err:  # no EMA in the checkpoint (or not started yet)
-            print(f"{err}; using the training weights of the generator")
-    if path.is_dir():  # a sharded DeepSpeed checkpoint: gather the generator engine
-        from cf.strategies import load_zero_checkpoint_state_dict
-
-        return normalize_state_dict(load_zero_checkpoint_state_dict(path, "generator"))
-    return read_generator_weights(path)
-
-
 def load_generator(spec: GeneratorSpec, weights: str | Path | None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, use_ema: bool = True) -> CausalWanDiT:
-    """The causal student with `weights` loaded strictly (see `read_student_weights`); random weights when None."""
+    """The causal student with `weights` loaded strictly (`cf.export.read_generator_weights`: an export or a training
+    checkpoint, EMA weights first when ``use_ema``); random weights when None."""
     model = CausalWanDiT(spec.model_config(), frames_per_chunk=spec.frames_per_chunk)
     if weights is not None:
-        load_into(model, read_student_weights(weights, use_ema), strict=True)
+        load_into(model, read_generator_weights(weights, use_ema), strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -1,16 +1,21 @@
-"""Losses of Contextual DMD (method §F.6–F.7) and of the teacher's flow-matching fine-tuning (§E.3).
+"""Losses of Contextual DMD (method §F.6–F.7) and of the teacher's flow-matching fine-tuning (§E.3), and the guided
+score predictions they use.
 
-Latents are ``[B, C, T, H, W]``; timesteps ``t`` are per-sample ``[B]`` values in [0, 1000].
+Two levels: the maths on tensors (`dmd_generator_loss`, `critic_flow_loss`, `flow_matching_loss`,
+`classifier_free_guidance`), and the CDMD losses of one micro-batch given the networks (`cdmd_generator_loss`,
+`cdmd_critic_loss`, with `predict_x0` / `guided_x0` for the scores). Latents are ``[B, C, T, H, W]``; timesteps
+``t`` are per-sample ``[B]`` values in [0, 1000].
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from cf.diffusion import training_weight
+from cf.diffusion import add_noise, flow_to_x0, training_weight
 
-__all__ = ["classifier_free_guidance", "critic_flow_loss", "dmd_generator_loss", "flow_matching_loss"]
+__all__ = ["cdmd_critic_loss", "cdmd_generator_loss", "classifier_free_guidance", "critic_flow_loss",
+           "dmd_generator_loss", "flow_matching_loss", "guided_x0", "predict_x0"]
 
 
 def _check_batched_same_shape(**tensors: Tensor) -> None:
@@ -135,3 +140,90 @@ def flow_matching_loss(
     ``noise`` is the (possibly error-injected) noise that built ``x_t``, ``x0`` the clean target latent.
     """
     return _weighted_velocity_mse(flow_pred, noise, x0, t, weighting, frames, "frames", shift)
+
+
+# ------------------------------------------------------------------------------------------- scores and CDMD losses
+
+def network_dtype(network: nn.Module) -> torch.dtype:
+    """The dtype a Wan DiT computes in (its patch embedding's weights)."""
+    return network.patch_embedding.weight.dtype
+
+
+def predict_x0(network: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor,
+               context: Tensor | None = None) -> Tensor:
+    """x̂0 of the target frames from a bidirectional DiT that sees ``[context | noisy target]`` at one timestep.
+
+    noisy_target ``[B, C, Tt, h, w]``; t ``[B]``; text ``[B, L, D]``; context ``[B, C, Tc, h, w]`` (clean) or None.
+    The velocity is converted to x0 on the target part only (§F.6 step 3). Returns float32 ``[B, C, Tt, h, w]``.
+    """
+    dtype = network_dtype(network)
+    inputs = noisy_target if context is None else torch.cat([context.to(noisy_target.dtype), noisy_target], dim=2)
+    flow = network(inputs.to(dtype), t, text.to(dtype))[:, :, -noisy_target.shape[2]:]
+    return flow_to_x0(noisy_target.float(), flow.float(), t.float() / 1000.0)
+
+
+def guided_x0(teacher: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor, negative_text: Tensor,
+              guidance_scale: float, context: Tensor | None = None) -> Tensor:
+    """Real score with CFG, ``cond + g·(cond − uncond)`` (effective scale 1 + g), uncond = the negative prompt.
+
+    Conditional and unconditional predictions run as one batch of 2B. negative_text: ``[1 or B, L, D]``.
+    """
+    b = noisy_target.shape[0]
+    if negative_text.shape[0] == 1 and b > 1:
+        negative_text = negative_text.expand(b, *negative_text.shape[1:])
+    if negative_text.shape != text.shape:
+        raise ValueError(f"the negative prompt embedding {tuple(negative_text.shape)} does not match the prompt "
+                         f"embeddings {tuple(text.shape)}; both must come from the same text encoder")
+    both_context = None if context is None else torch.cat([context, context])
+    x0 = predict_x0(teacher, torch.cat([noisy_target, noisy_target]), torch.cat([t, t]),
+                    torch.cat([text, negative_text.to(text)]), both_context)
+    cond, uncond = x0.chunk(2)
+    return classifier_free_guidance(cond, uncond, guidance_scale)
+
+
+def cdmd_generator_loss(
+    target: Tensor,
+    context: Tensor | None,
+    teacher: nn.Module,
+    critic: nn.Module,
+    text: Tensor,
+    negative_text: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    guidance_scale: float,
+    context_teacher: bool,
+    context_fake: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CDMD generator loss (§F.6) on the student's target window ``[B, C, Tt, h, w]`` (carrying grad).
+
+    The target is re-noised at t with ``noise`` (no grad); the teacher (CFG) and the critic (no CFG) predict x0 of
+    it, each with the clean context in front when its switch is on. Returns `dmd_generator_loss`'s (loss, stats).
+    """
+    noisy = add_noise(target.detach(), noise.to(target.dtype), t.float() / 1000.0)
+    with torch.no_grad():
+        x0_real = guided_x0(teacher, noisy, t, text, negative_text, guidance_scale,
+                            context if context_teacher else None)
+        x0_fake = predict_x0(critic, noisy, t, text, context if context_fake else None)
+    return dmd_generator_loss(target, x0_real.to(target.dtype), x0_fake.to(target.dtype))
+
+
+def cdmd_critic_loss(critic: nn.Module, target: Tensor, context: Tensor | None, text: Tensor, t: Tensor,
+                          noise: Tensor, time_weighting: bool, shift: float = 5.0) -> Tensor:
+    """Critic (fake score) loss (§F.7): flow matching on ``[context | target]`` noised at t with the context reset
+    to clean, the loss on the target frames only (times w(t) when ``time_weighting``).
+
+    target ``[B, C, Tt, h, w]``, context ``[B, C, Tc, h, w]`` or None (no-context critic); noise has the shape of
+    ``[context | target]``.
+    """
+    clean = target if context is None else torch.cat([context, target], dim=2)
+    if noise.shape != clean.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} must have the shape of [context | target] {tuple(clean.shape)}")
+    noisy = add_noise(clean, noise.to(clean.dtype), t.float() / 1000.0)
+    num_context = 0 if context is None else context.shape[2]
+    if num_context:
+        noisy = torch.cat([context, noisy[:, :, num_context:]], dim=2)
+    dtype = network_dtype(critic)
+    flow = critic(noisy.to(dtype), t, text.to(dtype))
+    frames = slice(num_context, None) if num_context else None
+    return critic_flow_loss(flow.float(), noise.float(), clean.float(), t, weighting=time_weighting,
+                            target_frames=frames, shift=shift)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import re
@@ -30,8 +29,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -53,6 +51,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from cf.zero import (
+    ENGINES_FILE,
+    checkpoint_engine_names,
+    checkpoint_world_size,
+    gathered_parameters,
+    is_zero_partitioned,
+    load_zero_checkpoint_state_dict,
+    skip_shm_comm_op_build,
+)
+
 __all__ = [
     "DeepSpeedStrategy",
     "ZeroSpawnLauncher",
@@ -65,119 +73,8 @@ __all__ = [
 
 LIGHTNING_STATE_FILE = "lightning_state.pt"
 RANK_CALLBACKS_KEY = "callbacks"  # per-rank callback states in the first engine's client state (as stock Lightning)
-ENGINES_FILE = "zero_engines.json"
 DEEPSPEED_TAG = "checkpoint"
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_OPTIM_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# DeepSpeed helpers that need no Trainer
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def skip_shm_comm_op_build() -> None:
-    """Stop DeepSpeed from JIT-compiling its shared-memory comm op (35-40 s with g++; only CPU inference uses it).
-
-    ``deepspeed.comm.torch`` must be fetched with importlib: inside ``deepspeed.comm`` the name ``torch`` is PyTorch.
-    """
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-@contextmanager
-def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: Optional[int] = None) -> Iterator[None]:
-    """Inside the block, ZeRO-3 partitioned parameters hold their full data on every rank.
-
-    A collective: every rank must enter it with the same parameters. A no-op for plain parameters. With
-    ``modifier_rank`` set, that rank's in-place changes are broadcast and re-partitioned on exit.
-    """
-    params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
-
-
-def checkpoint_engine_names(ckpt_dir: Union[str, Path]) -> list[str]:
-    """Engine names of a multi-engine checkpoint directory, in saving order; ``[]`` for a single-engine one."""
-    layout = Path(ckpt_dir) / ENGINES_FILE
-    if not layout.is_file():
-        return []
-    return list(json.loads(layout.read_text())["engines"])
-
-
-def _read_tag(ds_dir: Path) -> str:
-    latest = ds_dir / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(
-            f"{ds_dir} is not a DeepSpeed checkpoint directory: it has no 'latest' file. Pass the directory that"
-            " ModelCheckpoint wrote (e.g. '.../epoch=0-step=10.ckpt'), not a file or subfolder inside it."
-        )
-    return latest.read_text().strip()
-
-
-def _zero_shard_world_size(ds_dir: Path) -> Optional[int]:
-    """Data-parallel world size that wrote the ZeRO shards under ``ds_dir/<tag>``; None if it has no ZeRO shards."""
-    tag_dir = ds_dir / _read_tag(ds_dir)
-    if not tag_dir.is_dir():
-        raise FileNotFoundError(f"DeepSpeed checkpoint {ds_dir} names tag {tag_dir.name!r}, but {tag_dir} is missing.")
-    ranks = {int(m.group(1)) for f in os.listdir(tag_dir) if (m := _OPTIM_SHARD.match(f))}
-    return len(ranks) if ranks else None
-
-
-def checkpoint_world_size(ckpt_dir: Union[str, Path], engine: Optional[str] = None) -> Optional[int]:
-    """World size a sharded checkpoint was written with (from its ZeRO shard files); None without ZeRO shards.
-
-    ``engine`` selects one engine of a multi-engine checkpoint; by default all engines are read and must agree.
-    """
-    root = Path(ckpt_dir)
-    names = checkpoint_engine_names(root)
-    if not names:
-        return _zero_shard_world_size(root)
-    sizes = {name: _zero_shard_world_size(root / name) for name in ([engine] if engine else names)}
-    distinct = set(sizes.values())
-    if len(distinct) != 1:
-        raise RuntimeError(f"Checkpoint {root} is inconsistent: its engines were written by world sizes {sizes}.")
-    return distinct.pop()
-
-
-def load_zero_checkpoint_state_dict(ckpt_dir: Union[str, Path], engine: Optional[str] = None) -> dict[str, Tensor]:
-    """Gather the fp32 weights of one engine from a sharded ZeRO checkpoint directory, on CPU.
-
-    Args:
-        ckpt_dir: the checkpoint directory Lightning wrote (``.../epoch=0-step=10.ckpt``).
-        engine: the engine name for a multi-engine checkpoint (a key of ``deepspeed_submodules()``); None for a
-            single-engine checkpoint.
-
-    Returns:
-        A state dict keyed as the engine's module ``state_dict()`` (the LightningModule for a single engine).
-    """
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"ZeRO checkpoint directory {root} does not exist (a ZeRO checkpoint is a directory such as"
-            " '.../epoch=0-step=10.ckpt/')."
-        )
-    names = checkpoint_engine_names(root)
-    if names:
-        if engine is None:
-            raise ValueError(f"Checkpoint {root} holds one ZeRO shard set per engine {names}: pass engine=<name>.")
-        if engine not in names:
-            raise ValueError(f"Checkpoint {root} has no engine {engine!r}; it holds {names}.")
-        ds_dir = root / engine
-    else:
-        if engine is not None:
-            raise ValueError(f"Checkpoint {root} holds a single engine; pass engine=None instead of {engine!r}.")
-        ds_dir = root
-    tag = _read_tag(ds_dir)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    # Lightning < 2.1 wrapped the module in `_forward_module`.
-    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
 
 
 def _merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,7 +130,7 @@ def _replicate_zero_parameters(modules: Iterable[nn.Module]) -> int:
     replaced: dict[int, nn.Parameter] = {}
     for module in modules:
         for name, param in list(module._parameters.items()):
-            if param is None or not hasattr(param, "ds_id"):
+            if param is None or not is_zero_partitioned([param]):
                 continue
             if id(param) not in replaced:  # tied weights stay tied
                 with deepspeed.zero.GatheredParameters([param]):

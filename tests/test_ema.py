@@ -386,11 +386,11 @@ def test_partitioned_states_merge_into_full_weights(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     saved_states = []
     for rank, ema in enumerate(emas):
-        monkeypatch.setattr(ema_module, "_current_rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(ema_module, "rank_and_world", lambda rank=rank: (rank, 2))
         saved_states.append(ema.state_dict())
         torch.save({"callbacks": {ema.state_key: saved_states[-1]}},
                    folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-    monkeypatch.setattr(ema_module, "_current_rank_and_world", lambda: (0, 1))
+    monkeypatch.setattr(ema_module, "rank_and_world", lambda: (0, 1))
     with pytest.raises(RuntimeError, match="same number of ranks"):
         EMA(decay=0.8, start_step=0).load_state_dict(saved_states[1])
     merged = EMA.read_ema_weights(tmp_path / "ckpt.ckpt")

@@ -34,13 +34,13 @@ def test_generate_cli_writes_videos_from_exported_weights(tmp_path):
 
 
 def test_student_checkpoint_without_ema_falls_back_to_generator_weights(tmp_path, capsys):
-    from cf.generate import read_student_weights
+    from cf.export import read_generator_weights
 
     model = CausalWanDiT(WanConfig.tiny(), frames_per_chunk=3)
     state = {f"generator.{k}": v for k, v in model.state_dict().items()}
     state["critic.head.head.bias"] = torch.zeros(1)
     torch.save({"state_dict": state, "callbacks": {}}, tmp_path / "last.ckpt")
-    loaded = read_student_weights(tmp_path / "last.ckpt")
+    loaded = read_generator_weights(tmp_path / "last.ckpt")
     assert loaded.keys() == model.state_dict().keys()
     assert "no EMA callback state" in capsys.readouterr().out
 

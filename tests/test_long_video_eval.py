@@ -1,4 +1,4 @@
-"""`callbacks.LongVideoEval` (and `ThroughputMonitor`) inside toy fits of the CDMD student, on a CPU."""
+"""`callbacks.LongVideoEval` (and `StreamThroughputMonitor`) inside toy fits of the CDMD student, on a CPU."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import callbacks.long_video_eval as lve  # noqa: E402
-from callbacks import EMA, LongVideoEval, ThroughputMonitor  # noqa: E402
+from callbacks import EMA, LongVideoEval, StreamThroughputMonitor  # noqa: E402
 from callbacks.long_video_eval import StudentGeneration, default_timestamps  # noqa: E402
 from cf.lit.student import CDMDStudent  # noqa: E402
 from cf.memory import MemoryConfig  # noqa: E402
@@ -101,7 +101,7 @@ def test_fit_logs_windowed_scalars_plot_video_and_throughput(teacher_file, promp
     dino, clip = feature_dirs
     evaluation = LongVideoEval(prompt_file, seeds=[0, 1], seconds=SECONDS, every_n_steps=2, dino=dino, clip=clip,
                                progress=False)
-    throughput = ThroughputMonitor(every_n_steps=2, seconds=1.0, warmup_chunks=1)
+    throughput = StreamThroughputMonitor(every_n_steps=2, seconds=1.0, warmup_chunks=1)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = fit(make_student(teacher_file), prompt_file, tmp_path, 4,
                   [EMA(decay=0.5, start_step=1), evaluation, throughput], logger)
@@ -232,7 +232,7 @@ def test_training_is_unchanged_and_training_weights_are_used_before_the_ema_star
     states = []
     for name, extra in (("plain", []), ("monitored", [
             LongVideoEval(PROMPTS, seconds=SECONDS, every_n_steps=2, out_dir=str(tmp_path / "eval"), progress=False),
-            ThroughputMonitor(every_n_steps=2, seconds=1.0)])):
+            StreamThroughputMonitor(every_n_steps=2, seconds=1.0)])):
         ema = EMA(decay=0.5, start_step=3)
         module = make_student(teacher_file)
         fit(module, prompt_file, tmp_path / name, 4, [ema, *extra])
@@ -289,7 +289,7 @@ def test_two_zero3_ranks_split_the_videos_and_sum_the_scores(teacher_file, promp
                          logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, default_root_dir=tmp_path, use_distributed_sampler=False,
-                         callbacks=[EMA(decay=0.5, start_step=1), evaluation, ThroughputMonitor(every_n_steps=2,
+                         callbacks=[EMA(decay=0.5, start_step=1), evaluation, StreamThroughputMonitor(every_n_steps=2,
                                                                                                 seconds=1.0)])
     trainer.fit(make_student(teacher_file, generator_grad_clip=None, critic_grad_clip=None),
                 VideoDataModule(mode="prompts", prompt_file=prompt_file, batch_size=1, num_workers=0))
@@ -353,7 +353,7 @@ def test_default_timestamps_follow_the_paper_grid():
 def test_memory_override_and_module_check(teacher_file):
     module = make_student(teacher_file)
     module.configure_model()
-    assert StudentGeneration.from_module(module).memory is module.memory_config
+    assert StudentGeneration.from_module(module).memory == module.memory_config
     assert StudentGeneration.from_module(module, "sliding").memory == MemoryConfig.sliding(frames_per_chunk=3)
     custom = StudentGeneration.from_module(module, {"sink": 3, "slow": 0, "fast": 9})
     assert (custom.memory.slow, custom.memory.fast, custom.memory.frames_per_chunk) == (0, 9, 3)
@@ -374,7 +374,7 @@ STAGE2_CALLBACKS = """
     seconds: 20
     every_n_steps: 50
     at_fit_end: true
-- class_path: callbacks.ThroughputMonitor    # pixel FPS (decode included), first-chunk latency, chunk ms, memory
+- class_path: callbacks.StreamThroughputMonitor    # pixel FPS (decode included), first-chunk latency, chunk ms, memory
   init_args:
     every_n_steps: 50
     seconds: 5
@@ -394,6 +394,6 @@ def test_stage2_callback_snippet_builds_from_yaml(prompt_file, monkeypatch):
     parser.add_argument("--callbacks", type=list[LightningCallback])
     config = parser.parse_string("callbacks:\n" + "\n".join("  " + line for line in STAGE2_CALLBACKS.splitlines()))
     built = parser.instantiate_classes(config).callbacks
-    assert [type(c) for c in built] == [LongVideoEval, ThroughputMonitor]
+    assert [type(c) for c in built] == [LongVideoEval, StreamThroughputMonitor]
     assert built[0].prompts == PROMPTS and built[0].timestamps == (10.0, 20.0) and built[0].every_n_steps == 50
     assert built[1].seconds == 5.0

@@ -15,7 +15,9 @@ from callbacks.ema import EMA
 from cf.diffusion import training_weight
 from cf.encoders import HashedTextEncoder
 from cf.generate import GeneratorSpec, load_generator
-from cf.lit.student import NEGATIVE_PROMPT, CDMDStudent, predict_x0
+from cf.export import read_generator_weights
+from cf.lit.student import NEGATIVE_PROMPT, CDMDStudent
+from cf.losses import predict_x0
 from cf.memory import MemoryConfig
 from cf.models.wan import WanConfig, WanDiT
 from cf.rollout import RolloutConfig
@@ -109,8 +111,10 @@ def test_real_score_uses_cfg_with_the_negative_prompt(teacher_file, monkeypatch)
         captured.update(x=x.detach(), real=x0_real, fake=x0_fake)
         return real_loss(x, x0_real, x0_fake)
 
-    real_loss = student_module.dmd_generator_loss
-    monkeypatch.setattr(student_module, "dmd_generator_loss", spy_loss)
+    import cf.losses as losses_module
+
+    real_loss = losses_module.dmd_generator_loss
+    monkeypatch.setattr(losses_module, "dmd_generator_loss", spy_loss)
     teacher_forward = module.real_score.forward
     critic_forward = module.critic.forward
 
@@ -313,7 +317,7 @@ def test_validation_streams_videos_and_export_rebuilds_the_generator(teacher_fil
     # a Lightning checkpoint of the student also initialises a generator
     checkpoint = tmp_path / "student.ckpt"
     trainer.save_checkpoint(checkpoint)
-    from_checkpoint = student_module.read_generator_weights(checkpoint)
+    from_checkpoint = read_generator_weights(checkpoint, use_ema=False)
     for key, value in module.generator.state_dict().items():
         torch.testing.assert_close(from_checkpoint[key], value)
     # ... and carries its generator spec, so `cf generate` needs nothing else (EMA weights first)

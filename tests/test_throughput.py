@@ -1,4 +1,4 @@
-"""`measure_stream_throughput` arithmetic on a virtual clock (no wall-clock assertion), and `ThroughputMonitor` inputs.
+"""`measure_stream_throughput` arithmetic on a virtual clock (no wall-clock assertion), and `StreamThroughputMonitor` inputs.
 
 The fake DiT and decoder advance a fake clock by set amounts ("controlled sleeps" in virtual time), so the expected
 latency, FPS and per-chunk times follow by hand from the §4.1 definitions.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.throughput import ThroughputMonitor, format_throughput, measure_stream_throughput
+from callbacks.throughput import StreamThroughputMonitor, format_throughput, measure_stream_throughput
 from cf.encoders import ToyAutoencoder
 from cf.memory import MemoryConfig
 
@@ -149,8 +149,8 @@ def test_needs_two_chunks_and_a_valid_warmup():
 
 def test_monitor_rejects_bad_settings():
     with pytest.raises(ValueError, match="every_n_steps"):
-        ThroughputMonitor(every_n_steps=0)
+        StreamThroughputMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match="seconds"):
-        ThroughputMonitor(seconds=0)
+        StreamThroughputMonitor(seconds=0)
     with pytest.raises(ValueError, match="unknown memory preset"):
-        ThroughputMonitor(memory="sliding_window")
+        StreamThroughputMonitor(memory="sliding_window")

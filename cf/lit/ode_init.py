@@ -10,7 +10,6 @@ Shapes: trajectories ``[B, K + 1, C, T, h, w]``; text ``[B, L, D]``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cf.diffusion import flow_to_x0, warp_timesteps
-from cf.lit.student import full_parameters, load_network_weights, read_generator_weights, write_generator_export
+from cf.export import read_generator_weights, write_generator_export
+from cf.lit.arguments import stable_seed
+from cf.zero import gathered_parameters, load_network_weights
 from cf.models.wan import CausalWanDiT, WanConfig
 
 __all__ = ["ODEInitStudent", "ode_regression_inputs", "ode_regression_loss"]
@@ -63,11 +64,6 @@ def ode_regression_loss(generator: CausalWanDiT, trajectory: Tensor, text: Tenso
     flow = generator.forward_block_causal(x.to(dtype), t, text.to(dtype), local_window_frames)
     x0 = flow_to_x0(x.float(), flow.float(), t / 1000.0)
     return F.mse_loss(x0, trajectory[:, -1].float())
-
-
-def _seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class ODEInitStudent(pl.LightningModule):
@@ -136,7 +132,7 @@ class ODEInitStudent(pl.LightningModule):
             return
         generator = CausalWanDiT(self.network_config, frames_per_chunk=self.hparams.frames_per_chunk)
         if self.hparams.init_weights is not None:
-            load_network_weights(generator, read_generator_weights(self.hparams.init_weights), "init",
+            load_network_weights(generator, read_generator_weights(self.hparams.init_weights, use_ema=False), "init",
                                  self.hparams.init_weights)
         if self.hparams.gradient_checkpointing:
             generator.enable_gradient_checkpointing(True)
@@ -148,13 +144,13 @@ class ODEInitStudent(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         rng = torch.Generator(device=self.device).manual_seed(
-            _seed(self.hparams.seed, self.global_step, self.global_rank))
+            stable_seed(self.hparams.seed, self.global_step, self.global_rank))
         loss = self._loss(batch, rng)
         self.log("train/ode_loss", loss, prog_bar=True, batch_size=batch["ode"].shape[0])
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        rng = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, "val", batch_idx))
+        rng = torch.Generator(device=self.device).manual_seed(stable_seed(self.hparams.seed, "val", batch_idx))
         loss = self._loss(batch, rng)
         self.log("val/ode_loss", loss, prog_bar=True, batch_size=batch["ode"].shape[0], sync_dist=True)
         return loss
@@ -168,7 +164,7 @@ class ODEInitStudent(pl.LightningModule):
         """Write the generator as Wan-layout safetensors + ``config.json`` (for stage 1's ``generator_weights``
         and for `cf generate`). Collective under ZeRO-3; rank 0 writes."""
         hp = self.hparams
-        with full_parameters(self.generator):
+        with gathered_parameters(self.generator.parameters()):
             state = {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}
         spec = {
             "wan_config": dataclasses.asdict(self.network_config), "frames_per_chunk": int(hp.frames_per_chunk),

@@ -23,8 +23,6 @@ Shapes: latents ``[B, C, T, h, w]``; text ``[B, L, D]``; timesteps ``[B]``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,13 +30,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cf.diffusion import add_noise, flow_to_x0, sample_dmd_timesteps
+from cf.diffusion import sample_dmd_timesteps
 from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder, resolve_dtype
-from cf.losses import classifier_free_guidance, critic_flow_loss, dmd_generator_loss
+from cf.export import GENERATOR_SPEC_KEY, GeneratorSpec, read_generator_weights, write_generator_export
+from cf.lit.arguments import as_dataclass, stable_seed
+from cf.losses import cdmd_critic_loss, cdmd_generator_loss, network_dtype
 from cf.memory import MemoryConfig
 from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
 from cf.optim import lr_lambda
@@ -53,20 +52,10 @@ from cf.rollout import (
     teacher_window,
     train_rollout,
 )
-from cf.weights import WeightLoadError, load_into, normalize_state_dict, read_state_dict, save_wan_weights
+from cf.weights import normalize_state_dict, read_state_dict
+from cf.zero import gathered_parameters, load_network_weights, rank_and_world
 
-__all__ = [
-    "CDMDStudent",
-    "NEGATIVE_PROMPT",
-    "critic_denoising_loss",
-    "generator_dmd_loss",
-    "full_parameters",
-    "guided_x0",
-    "load_network_weights",
-    "predict_x0",
-    "read_generator_weights",
-    "write_generator_export",
-]
+__all__ = ["CDMDStudent", "NEGATIVE_PROMPT"]
 
 # The English negative prompt of the CF stage configs (§F.2); used for the teacher's CFG only.
 NEGATIVE_PROMPT = (
@@ -75,174 +64,8 @@ NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
-GENERATOR_SPEC_KEY = "cdmd_generator_spec"
 COUNTERS_KEY = "cdmd_counters"
 TEACHER_PREFIX = "real_score."
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plain functions: the scores and the two losses
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _network_dtype(network: nn.Module) -> torch.dtype:
-    return network.patch_embedding.weight.dtype
-
-
-def predict_x0(network: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor,
-               context: Tensor | None = None) -> Tensor:
-    """x̂0 of the target frames from a bidirectional DiT that sees ``[context | noisy target]`` at one timestep.
-
-    noisy_target ``[B, C, Tt, h, w]``; t ``[B]``; text ``[B, L, D]``; context ``[B, C, Tc, h, w]`` (clean) or None.
-    The velocity is converted to x0 on the target part only (§F.6 step 3). Returns float32 ``[B, C, Tt, h, w]``.
-    """
-    dtype = _network_dtype(network)
-    inputs = noisy_target if context is None else torch.cat([context.to(noisy_target.dtype), noisy_target], dim=2)
-    flow = network(inputs.to(dtype), t, text.to(dtype))[:, :, -noisy_target.shape[2]:]
-    return flow_to_x0(noisy_target.float(), flow.float(), t.float() / 1000.0)
-
-
-def guided_x0(teacher: nn.Module, noisy_target: Tensor, t: Tensor, text: Tensor, negative_text: Tensor,
-              guidance_scale: float, context: Tensor | None = None) -> Tensor:
-    """Real score with CFG, ``cond + g·(cond − uncond)`` (effective scale 1 + g), uncond = the negative prompt.
-
-    Conditional and unconditional predictions run as one batch of 2B. negative_text: ``[1 or B, L, D]``.
-    """
-    b = noisy_target.shape[0]
-    if negative_text.shape[0] == 1 and b > 1:
-        negative_text = negative_text.expand(b, *negative_text.shape[1:])
-    if negative_text.shape != text.shape:
-        raise ValueError(f"the negative prompt embedding {tuple(negative_text.shape)} does not match the prompt "
-                         f"embeddings {tuple(text.shape)}; both must come from the same text encoder")
-    both_context = None if context is None else torch.cat([context, context])
-    x0 = predict_x0(teacher, torch.cat([noisy_target, noisy_target]), torch.cat([t, t]),
-                    torch.cat([text, negative_text.to(text)]), both_context)
-    cond, uncond = x0.chunk(2)
-    return classifier_free_guidance(cond, uncond, guidance_scale)
-
-
-def generator_dmd_loss(
-    target: Tensor,
-    context: Tensor | None,
-    teacher: nn.Module,
-    critic: nn.Module,
-    text: Tensor,
-    negative_text: Tensor,
-    t: Tensor,
-    noise: Tensor,
-    guidance_scale: float,
-    context_teacher: bool,
-    context_fake: bool,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """CDMD generator loss (§F.6) on the student's target window ``[B, C, Tt, h, w]`` (carrying grad).
-
-    The target is re-noised at t with ``noise`` (no grad); the teacher (CFG) and the critic (no CFG) predict x0 of
-    it, each with the clean context in front when its switch is on. Returns `dmd_generator_loss`'s (loss, stats).
-    """
-    noisy = add_noise(target.detach(), noise.to(target.dtype), t.float() / 1000.0)
-    with torch.no_grad():
-        x0_real = guided_x0(teacher, noisy, t, text, negative_text, guidance_scale,
-                            context if context_teacher else None)
-        x0_fake = predict_x0(critic, noisy, t, text, context if context_fake else None)
-    return dmd_generator_loss(target, x0_real.to(target.dtype), x0_fake.to(target.dtype))
-
-
-def critic_denoising_loss(critic: nn.Module, target: Tensor, context: Tensor | None, text: Tensor, t: Tensor,
-                          noise: Tensor, time_weighting: bool, shift: float = 5.0) -> Tensor:
-    """Critic (fake score) loss (§F.7): flow matching on ``[context | target]`` noised at t with the context reset
-    to clean, the loss on the target frames only (times w(t) when ``time_weighting``).
-
-    target ``[B, C, Tt, h, w]``, context ``[B, C, Tc, h, w]`` or None (no-context critic); noise has the shape of
-    ``[context | target]``.
-    """
-    clean = target if context is None else torch.cat([context, target], dim=2)
-    if noise.shape != clean.shape:
-        raise ValueError(f"noise {tuple(noise.shape)} must have the shape of [context | target] {tuple(clean.shape)}")
-    noisy = add_noise(clean, noise.to(clean.dtype), t.float() / 1000.0)
-    num_context = 0 if context is None else context.shape[2]
-    if num_context:
-        noisy = torch.cat([context, noisy[:, :, num_context:]], dim=2)
-    dtype = _network_dtype(critic)
-    flow = critic(noisy.to(dtype), t, text.to(dtype))
-    frames = slice(num_context, None) if num_context else None
-    return critic_flow_loss(flow.float(), noise.float(), clean.float(), t, weighting=time_weighting,
-                            target_frames=frames, shift=shift)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Weights in and out
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def read_generator_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Causal-student initial weights, original Wan names: a Wan-layout file or folder (original or diffusers; a
-    bidirectional Wan/teacher file works too), or a Lightning ``.ckpt`` of `CDMDStudent` / `ODEInitStudent` (its
-    ``generator.*`` weights)."""
-    path = Path(path)
-    if path.suffix != ".ckpt":
-        return normalize_state_dict(read_state_dict(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, Mapping) else {}
-    generator = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
-    if not generator:
-        raise WeightLoadError(f"checkpoint {path} holds no 'generator.*' weights; pass a CDMDStudent or "
-                              "ODEInitStudent checkpoint, or a Wan-layout .safetensors file")
-    return normalize_state_dict(generator)
-
-
-def full_parameters(module: nn.Module, modify: bool = False) -> Any:
-    """Context in which ZeRO-3 partitioned parameters of ``module`` hold full data (a no-op otherwise)."""
-    import contextlib
-
-    params = list(module.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
-
-
-def load_network_weights(network: nn.Module, state: Mapping[str, Tensor], what: str, path: str) -> None:
-    """Load a Wan-named state dict strictly into ``network`` (gathering ZeRO-3 partitions), naming the file on error."""
-    try:
-        with full_parameters(network, modify=True):
-            load_into(network, state, strict=True)
-    except WeightLoadError as error:
-        raise WeightLoadError(f"{what} weights {path}: {error}") from error
-
-
-def write_generator_export(path: str | os.PathLike, state_dict: Mapping[str, Tensor], spec: Mapping[str, Any],
-                           dtype: torch.dtype | None = None) -> Path:
-    """Write the generator as a Wan-layout ``.safetensors`` at ``path`` and ``config.json`` beside it (``spec``:
-    the fields `cf.generate.GeneratorSpec` reads, plus provenance). Returns the weights path."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
-    save_wan_weights(dict(state_dict), path, dtype=dtype)
-    (path.parent / "config.json").write_text(json.dumps(dict(spec), indent=2) + "\n")
-    return path
-
-
-def _as_dataclass(value: Any, cls: type, name: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**value)
-    raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from the parts (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -343,11 +166,11 @@ class CDMDStudent(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.network_config = WanConfig.wan2_1_1_3b() if network is None else _as_dataclass(network, WanConfig,
+        self.network_config = WanConfig.wan2_1_1_3b() if network is None else as_dataclass(network, WanConfig,
                                                                                             "network")
         if isinstance(memory, str):
             memory = MemoryConfig.preset(memory, frames_per_chunk=frames_per_chunk)
-        self.memory_config = _as_dataclass(memory, MemoryConfig, "memory")
+        self.memory_config = as_dataclass(memory, MemoryConfig, "memory")
         if teacher_context == "memory":
             mc = self.memory_config
             if mc.fast is None or mc.slow == 0:
@@ -357,7 +180,7 @@ class CDMDStudent(pl.LightningModule):
                 raise ValueError(f"teacher_context='memory' gives the teacher sink + slow + fast = "
                                  f"{mc.sink + mc.slow + mc.fast} context frames; set context_window to that "
                                  f"(got {context_window})")
-        self.rollout_config = RolloutConfig() if rollout is None else _as_dataclass(rollout, RolloutConfig, "rollout")
+        self.rollout_config = RolloutConfig() if rollout is None else as_dataclass(rollout, RolloutConfig, "rollout")
         if isinstance(self.rollout_config.sampling, Mapping):
             self.rollout_config.sampling = SamplingConfig(**self.rollout_config.sampling)
         self._check_arguments(locals())
@@ -463,7 +286,7 @@ class CDMDStudent(pl.LightningModule):
         load_network_weights(critic, critic_state, "critic", hp.critic_weights or hp.teacher_weights)
         generator = CausalWanDiT(cfg, frames_per_chunk=hp.frames_per_chunk)
         generator_state = teacher_state if hp.generator_weights is None else \
-            read_generator_weights(hp.generator_weights)
+            read_generator_weights(hp.generator_weights, use_ema=False)
         load_network_weights(generator, generator_state, "generator", hp.generator_weights or hp.teacher_weights)
         if hp.gradient_checkpointing:
             generator.enable_gradient_checkpointing(True)
@@ -546,12 +369,12 @@ class CDMDStudent(pl.LightningModule):
 
     def _shared_generator(self, step: int, phase: str, micro: int) -> torch.Generator:
         """Same on every rank: rollout length and exit index."""
-        return torch.Generator().manual_seed(_seed(self.hparams.seed, "shared", step, phase, micro))
+        return torch.Generator().manual_seed(stable_seed(self.hparams.seed, "shared", step, phase, micro))
 
     def _rank_generator(self, step: int, phase: str, micro: int) -> torch.Generator:
         """Per rank: noise and timesteps."""
         generator = torch.Generator(device=self.device)
-        return generator.manual_seed(_seed(self.hparams.seed, "rank", step, phase, micro, self.global_rank))
+        return generator.manual_seed(stable_seed(self.hparams.seed, "rank", step, phase, micro, self.global_rank))
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def rollout(self, captions: list[str], step: int, phase: str, micro: int = 0, grad: bool = True
@@ -578,7 +401,7 @@ class CDMDStudent(pl.LightningModule):
 
         use_memory = hp.teacher_context == "memory"
         with torch.set_grad_enabled(grad):
-            text_kv = generator.text_kv(text.to(_network_dtype(generator)))
+            text_kv = generator.text_kv(text.to(network_dtype(generator)))
             frames = train_rollout(generator, text_kv, num_frames, tuple(hp.latent_size), len(captions), cache,
                                    exit_index, self.rollout_config, generator=noise, grad=grad,
                                    on_chunk_end=remember_slots if use_memory else None)
@@ -601,7 +424,7 @@ class CDMDStudent(pl.LightningModule):
         t = sample_dmd_timesteps(target.shape[0], hp.timestep_shift, hp.min_timestep, hp.max_timestep,
                                  generator=draws, device=self.device)
         noise = torch.randn(target.shape, generator=draws, device=self.device, dtype=torch.float32)
-        loss, stats = generator_dmd_loss(target, context, real_score, critic, text, self.negative_embedding(), t,
+        loss, stats = cdmd_generator_loss(target, context, real_score, critic, text, self.negative_embedding(), t,
                                          noise, hp.guidance_scale, hp.context_teacher, hp.context_fake)
         return loss, {**stats, **info}
 
@@ -618,7 +441,7 @@ class CDMDStudent(pl.LightningModule):
                                  generator=draws, device=self.device)
         frames = target.shape[2] + (0 if context is None else context.shape[2])
         noise = torch.randn((*target.shape[:2], frames, *target.shape[3:]), generator=draws, device=self.device)
-        loss = critic_denoising_loss(critic, target.float(), None if context is None else context.float(), text, t,
+        loss = cdmd_critic_loss(critic, target.float(), None if context is None else context.float(), text, t,
                                      noise, hp.critic_time_weighting, hp.timestep_shift)
         return loss, info
 
@@ -747,7 +570,7 @@ class CDMDStudent(pl.LightningModule):
         sampling = self.rollout_config.sampling
         latents = torch.cat(list(stream(generator, text, hp.val_num_frames, tuple(hp.latent_size),
                                         memory=self.memory_config, sampling=sampling,
-                                        seed=_seed(hp.val_seed, batch_idx) % (1 << 31))), dim=2)
+                                        seed=stable_seed(hp.val_seed, batch_idx) % (1 << 31))), dim=2)
         with torch.no_grad():
             videos = self.autoencoder.decode(latents.float()).cpu()
         self.log("val/latent_std", latents.float().std(), batch_size=len(captions), sync_dist=True)
@@ -764,7 +587,7 @@ class CDMDStudent(pl.LightningModule):
         the frozen teacher out (it is rebuilt from ``teacher_weights``)."""
         checkpoint[COUNTERS_KEY] = {"trainer_step": self.trainer_step, "generator_updates": self.generator_updates,
                                     "critic_updates": self.critic_updates}
-        checkpoint[GENERATOR_SPEC_KEY] = self.generator_spec()
+        checkpoint[GENERATOR_SPEC_KEY] = dataclasses.asdict(self.generator_spec())
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
@@ -787,31 +610,30 @@ class CDMDStudent(pl.LightningModule):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------------ export
-    def generator_spec(self) -> dict[str, Any]:
-        """The ``config.json`` fields that rebuild this generator for `cf generate` (`cf.generate.GeneratorSpec`)."""
+    def generator_spec(self) -> GeneratorSpec:
+        """What rebuilds this generator for `cf generate` (written as ``config.json`` by the export, and into
+        checkpoints)."""
         hp = self.hparams
-        sampling = self.rollout_config.sampling
-        return {
-            "wan_config": dataclasses.asdict(self.network_config),
-            "frames_per_chunk": int(hp.frames_per_chunk),
-            "autoencoder": hp.autoencoder,
-            "autoencoder_kwargs": dict(hp.autoencoder_args or {}),
-            "text_encoder": hp.text_encoder,
-            "text_encoder_kwargs": dict(hp.text_encoder_args or {}),
-            "latent_size": list(hp.latent_size),
-            "fps": int(hp.fps),
-            "memory": dataclasses.asdict(self.memory_config),
-            "sampling": {"denoising_steps": list(sampling.denoising_steps), "shift": sampling.shift,
-                         "warp": sampling.warp, "commit_noise_sigma": sampling.commit_noise_sigma},
-        }
+        return GeneratorSpec(
+            wan_config=dataclasses.asdict(self.network_config),
+            frames_per_chunk=int(hp.frames_per_chunk),
+            autoencoder=hp.autoencoder,
+            autoencoder_kwargs=dict(hp.autoencoder_args or {}),
+            text_encoder=hp.text_encoder,
+            text_encoder_kwargs=dict(hp.text_encoder_args or {}),
+            latent_size=tuple(hp.latent_size),
+            fps=int(hp.fps),
+            memory=dataclasses.asdict(self.memory_config),
+            sampling=dataclasses.asdict(self.rollout_config.sampling),
+        )
 
     def _ema_callback(self) -> Any | None:
+        """The started EMA callback on the generator (`callbacks.ema.EMA`, found by its interface), else None."""
         if self._trainer is None:
             return None
-        from callbacks.ema import EMA
-
         for callback in self._trainer.callbacks:
-            if isinstance(callback, EMA) and callback.attribute == "generator" and callback.started:
+            if getattr(callback, "attribute", None) == "generator" and getattr(callback, "started", False) \
+                    and callable(getattr(callback, "ema_state_dict", None)):
                 return callback
         return None
 
@@ -826,10 +648,10 @@ class CDMDStudent(pl.LightningModule):
         if ema is not None:
             state = ema.ema_state_dict()
         else:
-            with full_parameters(generator):
+            with gathered_parameters(generator.parameters()):
                 state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
-        spec = {**self.generator_spec(), "ema": ema is not None, "trainer_step": self.trainer_step}
-        if _world()[0] == 0:
+        spec = {**dataclasses.asdict(self.generator_spec()), "ema": ema is not None, "trainer_step": self.trainer_step}
+        if rank_and_world()[0] == 0:
             write_generator_export(path, state, spec, dtype)
         return Path(path)
 
