@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from cf.diffusion import sample_grid_timesteps, timestep_grid
-from cf.erft import NUM_TRAIN_TIMESTEPS, ErrorBank
+from cf.error_bank import NUM_TRAIN_TIMESTEPS, ErrorBank
 from cf.error_storage import DiskEntryStore
 from cf.models.wan import WanConfig
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cf.erft import LongLayoutConfig, long_layout_plan
+from cf.teacher_layout import LongLayoutConfig, long_layout_plan
 from cf.video_io import as_fraction
 
 __all__ = [

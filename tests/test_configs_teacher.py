@@ -20,7 +20,7 @@ from callbacks.data_health import SkippedSamplesLogger
 from callbacks.video_logger import VideoLogger
 from cf.cli import main as cf_main
 from cf.encoders import HashedTextEncoder, ToyAutoencoder
-from cf.erft import LongLayoutConfig, TeacherLayout
+from cf.teacher_layout import LongLayoutConfig, TeacherLayout
 from cf.lit.teacher import TeacherERFT
 from cf.models.wan import WanConfig, WanDiT
 from cf.rollout import teacher_window

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cf.erft import (
-    ErrorBank,
-    ErrorBanks,
-    ErrorInjector,
-    InjectionFlags,
+from cf.erft import ErrorInjector, InjectionFlags, fit_error_frames
+from cf.error_bank import ErrorBank, ErrorBanks, bucket_timesteps, harvest_errors
+from cf.teacher_layout import (
     LongLayoutConfig,
-    bucket_timesteps,
     dense_layout,
-    fit_error_frames,
-    harvest_errors,
     long_layout,
     long_layout_from_latents,
     long_layout_plan,

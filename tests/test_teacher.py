@@ -15,7 +15,8 @@ from torch import Tensor
 
 import cf.lit.teacher as teacher_module
 from cf.encoders import ToyAutoencoder
-from cf.erft import NUM_TRAIN_TIMESTEPS, dense_layout, long_layout
+from cf.error_bank import NUM_TRAIN_TIMESTEPS
+from cf.teacher_layout import dense_layout, long_layout
 from cf.lit.teacher import ERFT_STATE_KEY, TeacherERFT, continue_latents, sampling_sigmas
 from cf.models.wan import WanConfig
 from data import VideoDataModule

@@ -8,7 +8,7 @@ flow-matching loss, weighted by w(t), looks at the target frames only; the predi
 error banks on every rank. The banks and the module's random generator are part of the checkpoint, so a resumed
 run continues exactly.
 
-Maths lives in `cf.erft`, `cf.diffusion` and `cf.losses`; `continue_latents` is the teacher's own sampler.
+Maths lives in `cf.erft`, `cf.error_bank`, `cf.teacher_layout`, `cf.diffusion` and `cf.losses`; `continue_latents` is the teacher's own sampler.
 Shapes: pixels ``[B, 3, N, H, W]`` in [-1, 1]; latents ``[B, C, T, h, w]``; text ``[B, L, D]``.
 """
 
@@ -30,11 +30,9 @@ from torch import Tensor, nn
 from cf.convert import EXPORT_KEY, merge_lora_state_dict
 from cf.diffusion import flow_target, sample_grid_timesteps, timestep_grid
 from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder
-from cf.erft import (
-    ErrorBanks,
-    ErrorInjector,
-    Injection,
-    InjectionFlags,
+from cf.erft import ErrorInjector, Injection, InjectionFlags
+from cf.error_bank import ErrorBanks
+from cf.teacher_layout import (
     LongLayoutConfig,
     TeacherLayout,
     dense_layout,
@@ -73,7 +71,7 @@ class ERFTConfig:
     buckets of ``capacity`` entries each, replacement ``policy``, total caps ``max_total_entries`` /
     ``max_total_bytes`` per bank (§I.23), all-gather warm-up of ``warmup_steps`` during which clean-step errors are
     kept with ``clean_insert_prob``; entries stored as ``storage_dtype`` in RAM (``storage="memory"``) or in one
-    memory-mapped file per bank and rank under ``storage_dir`` on local disk (``storage="disk"``, `cf.erft.ErrorBank`).
+    memory-mapped file per bank and rank under ``storage_dir`` on local disk (``storage="disk"``, `cf.error_bank.ErrorBank`).
     """
 
     noise_prob: float = 0.01
