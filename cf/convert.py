@@ -192,7 +192,7 @@ def read_lightning_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict
     """(module state dict, export metadata or None) of a Lightning checkpoint file or ZeRO checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from cf.strategies import load_zero_checkpoint_state_dict
+        from cf.zero import load_zero_checkpoint_state_dict
 
         return load_zero_checkpoint_state_dict(path), _zero_export_meta(path)
     if not path.is_file():
@@ -293,7 +293,7 @@ def run_original(args: argparse.Namespace) -> None:
 
 def run_zero(args: argparse.Namespace) -> None:
     """``cf convert zero``: one safetensors file per DiT and engine of a sharded DeepSpeed checkpoint."""
-    from cf.strategies import checkpoint_engine_names, load_zero_checkpoint_state_dict
+    from cf.zero import checkpoint_engine_names, load_zero_checkpoint_state_dict
 
     ckpt_dir = Path(args.checkpoint)
     if not ckpt_dir.is_dir():

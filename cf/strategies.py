@@ -21,30 +21,21 @@ Without ``deepspeed_submodules()`` the strategy behaves like the stock single-en
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import re
-import signal
-import sys
-import tempfile
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -54,179 +45,22 @@ from torch.optim import Optimizer
 from cf.zero import (
     ENGINES_FILE,
     checkpoint_engine_names,
-    checkpoint_world_size,
-    gathered_parameters,
-    is_zero_partitioned,
+    check_resume_world_size,
+    engines_in_graph,
     load_zero_checkpoint_state_dict,
+    merge_engine_config,
+    modules_outside,
+    replicate_zero_parameters,
     skip_shm_comm_op_build,
 )
+from cf.zero_launcher import ZeroSpawnLauncher, resolve_start_method
 
-__all__ = [
-    "DeepSpeedStrategy",
-    "ZeroSpawnLauncher",
-    "checkpoint_engine_names",
-    "checkpoint_world_size",
-    "gathered_parameters",
-    "load_zero_checkpoint_state_dict",
-    "skip_shm_comm_op_build",
-]
+__all__ = ["DeepSpeedStrategy"]
 
 LIGHTNING_STATE_FILE = "lightning_state.pt"
 RANK_CALLBACKS_KEY = "callbacks"  # per-rank callback states in the first engine's client state (as stock Lightning)
 DEEPSPEED_TAG = "checkpoint"
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def _merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep copy of ``base`` with ``override`` merged in (nested dicts merged key by key)."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge_config(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _engines_in_graph(loss: Tensor, owner_of_param: Mapping[int, str]) -> set[str]:
-    """Names of the engines whose trainable parameters are leaves of ``loss``'s autograd graph."""
-    found: set[str] = set()
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
-        if variable is not None:
-            name = owner_of_param.get(id(variable))
-            if name is not None:
-                found.add(name)
-            continue
-        stack.extend(child for child, _ in node.next_functions)
-    return found
-
-
-def _modules_outside(root: nn.Module, excluded: set[int]) -> list[nn.Module]:
-    """Modules of ``root`` (root included) that are not inside an excluded module, in a rank-independent order."""
-    out: list[nn.Module] = []
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        if id(module) in excluded or id(module) in seen:
-            continue
-        seen.add(id(module))
-        out.append(module)
-        stack.extend(reversed(list(module.children())))
-    return out
-
-
-def _replicate_zero_parameters(modules: Iterable[nn.Module]) -> int:
-    """Replace ZeRO-3 partitioned parameters owned by ``modules`` by plain full ones on every rank (a collective)."""
-    import deepspeed
-
-    replaced: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for name, param in list(module._parameters.items()):
-            if param is None or not is_zero_partitioned([param]):
-                continue
-            if id(param) not in replaced:  # tied weights stay tied
-                with deepspeed.zero.GatheredParameters([param]):
-                    full = param.data.detach().clone()
-                replaced[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad)
-            module._parameters[name] = replaced[id(param)]
-    return len(replaced)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Launcher
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class ZeroSpawnLauncher(_MultiProcessingLauncher):
-    """Spawn launcher for ZeRO runs started from pytest or a notebook-like host process.
-
-    * Sends back the *gathered* weights of rank 0 (the stock launcher sends its empty ZeRO-3 partitions, which then
-      fail to load in the main process).
-    * Picks a free port for every launch unless ``MASTER_PORT`` was set by the user, and leaves the host's
-      environment as it found it (the stock launcher leaves ``MASTER_PORT`` behind, so later Trainers reuse it).
-    * With ``timeout`` (seconds), kills the worker processes and raises ``TimeoutError`` when they run longer.
-    """
-
-    def __init__(
-        self,
-        strategy: "DeepSpeedStrategy",
-        start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
-        timeout: Optional[float] = None,
-    ) -> None:
-        super().__init__(strategy, start_method=start_method)
-        self._timeout = timeout
-
-    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
-        environment = self._strategy.cluster_environment
-        port_chosen_here = "MASTER_PORT" not in os.environ
-        if port_chosen_here and isinstance(environment, LightningEnvironment):
-            environment._main_port = find_free_network_port()  # the environment caches its first port otherwise
-        timed_out = threading.Event()
-        timer = None
-        if self._timeout is not None:
-            timer = threading.Timer(self._timeout, self._kill_on_timeout, args=(timed_out,))
-            timer.daemon = True
-            timer.start()
-        try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-        except Exception as error:
-            if timed_out.is_set():
-                raise TimeoutError(
-                    f"The {self._strategy.num_processes} worker processes did not finish within {self._timeout} s and"
-                    " were killed (a rank probably waits in a collective for a rank that died or diverged). Raise"
-                    " `process_timeout` if the job is just long."
-                ) from error
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if port_chosen_here:
-                os.environ.pop("MASTER_PORT", None)
-
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)
-        # Leave together, then skip the interpreter's teardown: a C++ thread still joinable during static destruction
-        # (seen with gloo on CPU) aborts the worker with "terminate called without an active exception" after its
-        # work is done and its results are sent.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    def _kill_on_timeout(self, timed_out: threading.Event) -> None:
-        timed_out.set()
-        self.kill(signal.SIGKILL)
-
-    def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> Optional[_WorkerOutput]:
-        checkpoint_callback = trainer.checkpoint_callback
-        best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None
-        module = trainer.lightning_module
-        is_rank_zero = self._strategy.local_rank == 0
-        weights_path = None
-        if trainer.state.fn == TrainerFn.FITTING:
-            with gathered_parameters(module.parameters()):  # every rank takes part in the gather
-                state_dict = module.state_dict()
-                if is_rank_zero:
-                    state_dict = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
-            if is_rank_zero:
-                weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
-                self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
-        else:
-            module.state_dict()  # metrics may sync inside state_dict() on every rank
-        if not is_rank_zero:
-            return None
-        extra = self.get_extra_results(trainer)
-        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,7 +129,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self.engine_configs = dict(engine_configs or {})
         self.process_timeout = process_timeout
         self.build_shm_comm_op = build_shm_comm_op
-        self._start_method = self._resolve_start_method(start_method)
+        self._start_method = resolve_start_method(start_method)
         self._submodules: dict[str, nn.Module] = {}  # set in multi-engine mode (training and inference)
         self._engines: dict[str, Any] = {}  # set in multi-engine training
         self._engine_prefixes: dict[str, str] = {}
@@ -317,12 +151,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return self.model
 
     # ---------------------------------------------------------------- launching and distributed setup
-
-    @staticmethod
-    def _resolve_start_method(start_method: str) -> str:
-        if start_method != "auto":
-            return start_method
-        return "spawn" if "pytest" in sys.modules else "popen"
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -431,7 +259,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     def _engine_config(self, name: str) -> dict[str, Any]:
         assert isinstance(self.config, dict)
-        return _merge_config(self.config, self.engine_configs.get(name, {}))
+        return merge_engine_config(self.config, self.engine_configs.get(name, {}))
 
     def _compute_dtype(self) -> torch.dtype:
         assert isinstance(self.config, dict)
@@ -449,8 +277,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                 " is not implemented; use frozen_modules='replicate'."
             )
         excluded = {id(m) for sub in submodules.values() for m in sub.modules()}
-        outside = _modules_outside(module, excluded)
-        _replicate_zero_parameters(outside)
+        outside = modules_outside(module, excluded)
+        replicate_zero_parameters(outside)
         dtype = self._compute_dtype()
         frozen = 0
         for owner in outside:
@@ -566,7 +394,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if not loss.requires_grad:
             raise RuntimeError("manual_backward() got a loss that does not require grad.")
         owner = {id(p): name for name, e in self._engines.items() for p in e.module.parameters() if p.requires_grad}
-        found = _engines_in_graph(loss, owner)
+        found = engines_in_graph(loss, owner)
         if not found:
             found = {name for name, e in self._engines.items() if any(p.requires_grad for p in e.module.parameters())}
         if len(found) != 1:
@@ -641,17 +469,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _check_world_size(self, checkpoint_path: Path) -> None:
-        saved = checkpoint_world_size(checkpoint_path)
-        if saved is not None and saved != self.world_size:
-            raise RuntimeError(
-                f"Checkpoint {checkpoint_path} was written by a run of world size {saved} (ZeRO shards of {saved}"
-                f" processes), but this run has world size {self.world_size}. A sharded ZeRO checkpoint resumes only"
-                f" with the world size that wrote it: resume with {saved} processes (devices x num_nodes), or"
-                f" consolidate its weights with `cf convert zero {checkpoint_path} <out>` and start a new run from"
-                " those weights (optimizer and scheduler state are not carried over)."
-            )
-
     def _outside_state(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         prefixes = tuple(self._engine_prefixes.values())
         state = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
@@ -701,7 +518,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                     " deepspeed_submodules(); load it with the module that wrote it."
                 )
             if not self.load_full_weights and path.is_dir():
-                self._check_world_size(path)
+                check_resume_world_size(path, self.world_size)
             return super().load_checkpoint(checkpoint_path, weights_only)
 
         if not path.is_dir() or not names:
@@ -716,7 +533,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         state = torch.load(path / LIGHTNING_STATE_FILE, map_location="cpu", weights_only=False)
         is_fitting = module.trainer.state.fn == TrainerFn.FITTING
         if is_fitting:
-            self._check_world_size(path)
+            check_resume_world_size(path, self.world_size)
             for name, engine in self._engines.items():
                 loaded, client_state = engine.load_checkpoint(
                     str(path / name),

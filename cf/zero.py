@@ -6,6 +6,7 @@ The model, memory and tool modules use these instead of importing the strategy.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -13,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -22,13 +23,18 @@ from cf.weights import WeightLoadError, load_into
 
 __all__ = [
     "ENGINES_FILE",
+    "check_resume_world_size",
     "checkpoint_engine_names",
     "checkpoint_world_size",
+    "engines_in_graph",
     "gathered_parameters",
     "is_zero_partitioned",
     "load_network_weights",
     "load_zero_checkpoint_state_dict",
+    "merge_engine_config",
+    "modules_outside",
     "rank_and_world",
+    "replicate_zero_parameters",
     "skip_shm_comm_op_build",
 ]
 
@@ -126,6 +132,19 @@ def checkpoint_world_size(ckpt_dir: Union[str, Path], engine: Optional[str] = No
     return distinct.pop()
 
 
+def check_resume_world_size(checkpoint_path: Union[str, Path], world_size: int) -> None:
+    """Raise a clear error when a sharded checkpoint was written by another world size than ``world_size``."""
+    saved = checkpoint_world_size(checkpoint_path)
+    if saved is not None and saved != world_size:
+        raise RuntimeError(
+            f"Checkpoint {checkpoint_path} was written by a run of world size {saved} (ZeRO shards of {saved}"
+            f" processes), but this run has world size {world_size}. A sharded ZeRO checkpoint resumes only"
+            f" with the world size that wrote it: resume with {saved} processes (devices x num_nodes), or"
+            f" consolidate its weights with `cf convert zero {checkpoint_path} <out>` and start a new run from"
+            " those weights (optimizer and scheduler state are not carried over)."
+        )
+
+
 def load_zero_checkpoint_state_dict(ckpt_dir: Union[str, Path], engine: Optional[str] = None) -> dict[str, Tensor]:
     """Gather the fp32 weights of one engine from a sharded ZeRO checkpoint directory, on CPU.
 
@@ -160,3 +179,69 @@ def load_zero_checkpoint_state_dict(ckpt_dir: Union[str, Path], engine: Optional
     state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     # Lightning < 2.1 wrapped the module in `_forward_module`.
     return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------- multi-engine helpers
+
+
+def merge_engine_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep copy of ``base`` with ``override`` merged in (nested dicts merged key by key)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_engine_config(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def engines_in_graph(loss: Tensor, owner_of_param: Mapping[int, str]) -> set[str]:
+    """Names of the engines whose trainable parameters are leaves of ``loss``'s autograd graph."""
+    found: set[str] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
+        if variable is not None:
+            name = owner_of_param.get(id(variable))
+            if name is not None:
+                found.add(name)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def modules_outside(root: nn.Module, excluded: set[int]) -> list[nn.Module]:
+    """Modules of ``root`` (root included) that are not inside an excluded module, in a rank-independent order."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in excluded or id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(reversed(list(module.children())))
+    return out
+
+
+def replicate_zero_parameters(modules: Iterable[nn.Module]) -> int:
+    """Replace ZeRO-3 partitioned parameters owned by ``modules`` by plain full ones on every rank (a collective)."""
+    import deepspeed
+
+    replaced: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for name, param in list(module._parameters.items()):
+            if param is None or not is_zero_partitioned([param]):
+                continue
+            if id(param) not in replaced:  # tied weights stay tied
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.data.detach().clone()
+                replaced[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad)
+            module._parameters[name] = replaced[id(param)]
+    return len(replaced)

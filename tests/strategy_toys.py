@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cf.strategies import gathered_parameters
+from cf.zero import gathered_parameters
 
 IN_DIM, HIDDEN, OUT_DIM = 4, 8, 3
 BATCH_PER_RANK = 2

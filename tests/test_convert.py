@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import cf.strategies
+import cf.zero
 from cf.cli import main as cf_main
 from cf.convert import dit_state_dicts, has_lora, merge_lora_state_dict
 from cf.lit.teacher import LORA_TARGETS, TeacherERFT
@@ -209,7 +210,7 @@ def test_convert_layouts_round_trip(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# cf convert zero (the DeepSpeed consolidation itself is cf.strategies' and tested there)
+# cf convert zero (the DeepSpeed consolidation itself is cf.zero's and tested in test_strategies)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -223,8 +224,8 @@ def test_convert_zero_writes_one_merged_file_per_dit(tmp_path: Path, monkeypatch
         calls.append((Path(ckpt_dir), engine))
         return engines[engine]
 
-    monkeypatch.setattr(cf.strategies, "load_zero_checkpoint_state_dict", fake_load)
-    monkeypatch.setattr(cf.strategies, "checkpoint_engine_names", lambda ckpt_dir: list(engines))
+    monkeypatch.setattr(cf.zero, "load_zero_checkpoint_state_dict", fake_load)
+    monkeypatch.setattr(cf.zero, "checkpoint_engine_names", lambda ckpt_dir: list(engines))
     ckpt_dir = tmp_path / "epoch=0-step=4.ckpt"
     ckpt_dir.mkdir()
     cf_main(["convert", "zero", str(ckpt_dir), str(tmp_path / "out"), "--lora-alpha", "8"])
@@ -254,7 +255,7 @@ class InitialWeightsDump(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: TeacherERFT) -> None:
         params = list(pl_module.network.parameters())
-        with cf.strategies.gathered_parameters(params):
+        with cf.zero.gathered_parameters(params):
             state = {k: v.detach().clone() for k, v in pl_module.network.state_dict().items()}
         if trainer.global_rank == 0:
             torch.save(state, self.path)
@@ -293,7 +294,7 @@ def test_zero3_lora_teacher_checkpoint_exports(tmp_path: Path) -> None:
     torch.testing.assert_close(merge_lora_state_dict(initial, alpha=8.0), base.state_dict(), rtol=0, atol=0)
 
     ckpt = tmp_path / "ckpt" / "last.ckpt"
-    assert ckpt.is_dir() and cf.strategies.checkpoint_world_size(ckpt) == 2
+    assert ckpt.is_dir() and cf.zero.checkpoint_world_size(ckpt) == 2
     out = tmp_path / "teacher.safetensors"
     cf_main(["convert", "teacher", str(ckpt), str(out)])
     exported = load_file(out)

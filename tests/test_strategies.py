@@ -24,15 +24,15 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import strategy_toys as toys
-from cf.strategies import (
-    DeepSpeedStrategy,
-    ZeroSpawnLauncher,
-    _engines_in_graph,
-    _merge_config,
+from cf.strategies import DeepSpeedStrategy
+from cf.zero import (
     checkpoint_engine_names,
     checkpoint_world_size,
+    engines_in_graph,
     load_zero_checkpoint_state_dict,
+    merge_engine_config,
 )
+from cf.zero_launcher import ZeroSpawnLauncher
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TEST_CONFIG = REPO / "configs" / "deepspeed" / "zero3_cpu_test.json"
@@ -439,16 +439,16 @@ def test_engine_of_a_loss_is_read_from_its_graph() -> None:
     frozen.requires_grad_(False)
     owner = {id(p): "gen" for p in gen.parameters()} | {id(p): "critic" for p in critic.parameters()}
     z = torch.randn(4, 3)
-    assert _engines_in_graph(critic(gen(z).detach()).mean() + frozen(z).mean(), owner) == {"critic"}
+    assert engines_in_graph(critic(gen(z).detach()).mean() + frozen(z).mean(), owner) == {"critic"}
     critic.requires_grad_(False)
-    assert _engines_in_graph((critic(gen(z)) - frozen(gen(z))).mean(), owner) == {"gen"}
+    assert engines_in_graph((critic(gen(z)) - frozen(gen(z))).mean(), owner) == {"gen"}
     critic.requires_grad_(True)
-    assert _engines_in_graph(critic(gen(z)).mean(), owner) == {"gen", "critic"}
+    assert engines_in_graph(critic(gen(z)).mean(), owner) == {"gen", "critic"}
 
 
 def test_merge_config_is_deep_and_leaves_base_alone() -> None:
     base = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 10}, "gradient_clipping": 1.0}
-    merged = _merge_config(base, {"zero_optimization": {"reduce_bucket_size": 5}, "gradient_clipping": 2.0})
+    merged = merge_engine_config(base, {"zero_optimization": {"reduce_bucket_size": 5}, "gradient_clipping": 2.0})
     assert merged == {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5}, "gradient_clipping": 2.0}
     assert base["zero_optimization"]["reduce_bucket_size"] == 10 and base["gradient_clipping"] == 1.0
 

@@ -33,7 +33,8 @@ from cf.lit.teacher import TeacherERFT
 from cf.memory import MemoryConfig
 from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
 from cf.rollout import RolloutConfig
-from cf.strategies import DeepSpeedStrategy, checkpoint_engine_names, checkpoint_world_size
+from cf.strategies import DeepSpeedStrategy
+from cf.zero import checkpoint_engine_names, checkpoint_world_size
 from cf.video_io import decode_mp4
 from cf.weights import save_wan_weights
 from data import VideoDataModule

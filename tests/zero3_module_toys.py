@@ -18,7 +18,7 @@ from torch import nn
 from strategy_toys import zero_optimizer_snapshot
 
 from callbacks.ema import EMA
-from cf.strategies import gathered_parameters
+from cf.zero import gathered_parameters
 
 
 def gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
