@@ -28,6 +28,7 @@ __all__ = [
     "nearest_grid_index",
     "sample_dmd_timesteps",
     "sample_grid_timesteps",
+    "sampling_sigmas",
     "shift_sigma",
     "sigma_from_timestep",
     "timestep_from_sigma",
@@ -100,6 +101,12 @@ def warp_timesteps(
         raise ValueError(f"steps must be integers in [0, {n}] (e.g. [1000, 750, 500, 250]), got {list(steps)}")
     extended = torch.cat([timestep_grid(shift, n), torch.zeros(1, dtype=torch.float64)])
     return extended[n - steps_t.long()]
+
+
+def sampling_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
+    """σ's of the many-step Euler sampler (`cf.sampling`), float64 ``[num_steps + 1]``: the shift-``shift`` grid of
+    ``num_steps`` points, σ_i = `shift_sigma`(1 − i/n, shift) for i = 0…n−1, then 0."""
+    return torch.cat([timestep_grid(shift, num_steps) / num_steps, torch.zeros(1, dtype=torch.float64)])
 
 
 def nearest_grid_index(t: SigmaLike, grid: Tensor) -> Tensor:

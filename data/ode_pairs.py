@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
-from cf.diffusion import timestep_grid
-from cf.losses import classifier_free_guidance
+from cf.diffusion import sampling_sigmas
+from cf.sampling import sample_flow
 from data.cli import json_object
 from data.datamodule import check_shards_exist
 from data.pipeline import read_prompt_file
@@ -43,7 +43,6 @@ __all__ = [
     "ODEPairDataModule",
     "ODEPairStream",
     "WAN_NEGATIVE_PROMPT",
-    "euler_sigmas",
     "ode_trajectory",
     "register_ode_pairs",
     "write_ode_pairs",
@@ -91,12 +90,8 @@ class ODEPairConfig:
             raise ValueError("invalid ODE pair settings: " + "; ".join(problems))
 
     def sigmas(self) -> Tensor:
-        return euler_sigmas(self.num_steps, self.shift)
-
-
-def euler_sigmas(num_steps: int, shift: float) -> Tensor:
-    """σ's of the Euler sampler, float64 ``[num_steps + 1]``: ``shift(1 − i/n)`` for i = 0…n−1, then 0."""
-    return torch.cat([timestep_grid(shift, num_steps) / num_steps, torch.zeros(1, dtype=torch.float64)])
+        """The Euler σ's, float64 ``[num_steps + 1]`` (`cf.diffusion.sampling_sigmas`)."""
+        return sampling_sigmas(self.num_steps, self.shift)
 
 
 @torch.no_grad()
@@ -110,32 +105,19 @@ def ode_trajectory(
     stored_steps: Sequence[int],
     progress: bool = False,
 ) -> Tensor:
-    """Euler integration ``x ← x + (σ_{i+1} − σ_i)·v̂`` from ``noise`` ``[B, C, T, h, w]``.
+    """Euler integration ``x ← x + (σ_{i+1} − σ_i)·v̂`` from ``noise`` ``[B, C, T, h, w]`` (`cf.sampling.sample_flow`
+    without context, in the teacher's dtype).
 
     v̂ = ``uncond + g·(cond − uncond)`` (conditional and unconditional in one batch of 2B); text ``[B, L, D]``,
     negative_text ``[1 or B, L, D]``. Returns float32 ``[B, K + 1, C, T, h, w]``: the state before each of the K
     ``stored_steps``, then the final latent.
     """
-    b = noise.shape[0]
-    if negative_text.shape[0] == 1 and b > 1:
-        negative_text = negative_text.expand(b, *negative_text.shape[1:])
     dtype = teacher.patch_embedding.weight.dtype
-    texts = torch.cat([text, negative_text.to(text)]).to(dtype)
-    stored = set(int(s) for s in stored_steps)
-    x = noise.float()
-    states = []
-    steps = range(len(sigmas) - 1)
-    for i in tqdm(steps, desc="ODE steps", leave=False, disable=not progress):
-        if i in stored:
-            states.append(x.clone())
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        t = torch.full((2 * b,), 1000.0 * sigma, device=noise.device)
-        flow = teacher(torch.cat([x, x]).to(dtype), t, texts).float()
-        cond, uncond = flow.chunk(2)
-        # standard CFG uncond + g(cond − uncond) == cond + (g − 1)(cond − uncond)
-        x = x + (sigma_next - sigma) * classifier_free_guidance(cond, uncond, guidance_scale - 1.0)
-    states.append(x)
-    return torch.stack(states, dim=1)
+    bar = lambda steps: tqdm(steps, desc="ODE steps", leave=False, disable=not progress)  # noqa: E731
+    sample = sample_flow(teacher, noise, text.to(dtype), sigmas, dtype=dtype, guidance_scale=guidance_scale,
+                         negative_text=negative_text.to(text).to(dtype), stored_steps=stored_steps, progress=bar)
+    final = sample.latents.unsqueeze(1)
+    return final if sample.states is None else torch.cat([sample.states, final], dim=1)
 
 
 def _trim_padding(embedding: Tensor) -> Tensor:

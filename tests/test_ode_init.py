@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cf.diffusion import shift_sigma
+from cf.diffusion import sampling_sigmas, shift_sigma
 from cf.encoders import HashedTextEncoder
 from cf.lit.ode_init import ODEInitStudent, ode_regression_inputs, ode_regression_loss
 from cf.models.wan import WanConfig, WanDiT
@@ -20,7 +20,6 @@ from data.ode_pairs import (
     ODEPairConfig,
     ODEPairDataModule,
     ODEPairStream,
-    euler_sigmas,
     ode_trajectory,
     register_ode_pairs,
     write_ode_pairs,
@@ -47,8 +46,8 @@ class LinearFlow(nn.Module):
         return x * (conditional * self.a + (1 - conditional) * self.b)
 
 
-def test_euler_sigmas_follow_the_shifted_grid():
-    sigmas = euler_sigmas(48, 8.0)
+def test_sampling_sigmas_follow_the_shifted_grid():
+    sigmas = sampling_sigmas(48, 8.0)
     assert sigmas.shape == (49,)
     for i in (0, 12, 24, 47):
         assert float(sigmas[i]) == pytest.approx(float(shift_sigma(1 - i / 48, 8.0)))
@@ -58,7 +57,7 @@ def test_euler_sigmas_follow_the_shifted_grid():
 
 def test_ode_trajectory_matches_closed_form_euler_with_standard_cfg():
     a, b, g = -0.7, 0.4, 6.0
-    sigmas = euler_sigmas(10, 8.0)
+    sigmas = sampling_sigmas(10, 8.0)
     noise = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     text = torch.ones(2, 8, 32)
     negative = torch.zeros(1, 8, 32)

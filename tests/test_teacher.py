@@ -14,11 +14,13 @@ import yaml
 from torch import Tensor
 
 import cf.lit.teacher as teacher_module
+from cf.diffusion import sampling_sigmas
 from cf.encoders import ToyAutoencoder
 from cf.error_bank import NUM_TRAIN_TIMESTEPS
 from cf.teacher_layout import dense_layout, long_layout
-from cf.lit.teacher import ERFT_STATE_KEY, TeacherERFT, continue_latents, sampling_sigmas
+from cf.lit.teacher import ERFT_STATE_KEY, TeacherERFT
 from cf.models.wan import WanConfig
+from cf.sampling import continue_latents
 from data import VideoDataModule
 from data.clips import TeacherClip, TeacherClipMix
 from data.synthetic import write_synthetic_shards

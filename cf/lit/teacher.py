@@ -8,7 +8,8 @@ flow-matching loss, weighted by w(t), looks at the target frames only; the predi
 error banks on every rank. The banks and the module's random generator are part of the checkpoint, so a resumed
 run continues exactly.
 
-Maths lives in `cf.erft`, `cf.error_bank`, `cf.teacher_layout`, `cf.diffusion` and `cf.losses`; `continue_latents` is the teacher's own sampler.
+Maths lives in `cf.erft`, `cf.error_bank`, `cf.teacher_layout`, `cf.diffusion` and `cf.losses`; the teacher's sampler
+is `cf.sampling.continue_latents`.
 Shapes: pixels ``[B, 3, N, H, W]`` in [-1, 1]; latents ``[B, C, T, h, w]``; text ``[B, L, D]``.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cf.convert import EXPORT_KEY, merge_lora_state_dict
-from cf.diffusion import flow_target, sample_grid_timesteps, timestep_grid
+from cf.diffusion import flow_target, sample_grid_timesteps, sampling_sigmas
 from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder
 from cf.erft import ErrorInjector, Injection, InjectionFlags
 from cf.error_bank import ErrorBanks
@@ -39,8 +40,9 @@ from cf.teacher_layout import (
     long_layout,
     long_layout_from_latents,
 )
-from cf.losses import classifier_free_guidance, flow_matching_loss
+from cf.losses import flow_matching_loss
 from cf.models.wan import WanConfig, WanDiT
+from cf.sampling import continue_latents
 from cf.weights import load_wan_weights
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ __all__ = [
     "TeacherERFT",
     "TeacherSamplingConfig",
     "apply_lora",
-    "continue_latents",
-    "sampling_sigmas",
 ]
 
 # Every Linear named q, k, v, o (self- and cross-attention) and ffn.0 / ffn.2 (§E.1); a full-match regex for peft.
@@ -132,7 +132,7 @@ class ERFTStepOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plain functions: LoRA wrapping and the teacher's sampler
+# Plain functions: LoRA wrapping
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -160,7 +160,7 @@ def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, target
         if is_lora:
             factors.append((name, param))
     if any(hasattr(p, "ds_id") for _, p in factors):
-        from cf.strategies import gathered_parameters
+        from cf.zero import gathered_parameters
 
         with gathered_parameters([p for _, p in factors], modifier_rank=0), torch.no_grad():
             for name, param in factors:
@@ -173,67 +173,6 @@ def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, target
             if param.dtype != torch.float32:
                 param.data = param.data.float()
     return network
-
-
-def sampling_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
-    """σ schedule of the teacher's sampler, float64 ``[num_steps + 1]``: ``shift(1 − i/n)`` for i = 0…n−1, then 0."""
-    return torch.cat([timestep_grid(shift, num_steps) / num_steps, torch.zeros(1, dtype=torch.float64)])
-
-
-@torch.no_grad()
-def continue_latents(
-    network: Callable[[Tensor, Tensor, Tensor], Tensor],
-    context: Tensor,
-    text: Tensor,
-    num_target_frames: int,
-    sigmas: Tensor,
-    guidance_scale: float = 5.0,
-    negative_text: Tensor | None = None,
-    noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    progress: Callable | None = None,
-) -> Tensor:
-    """Sample ``num_target_frames`` latents that continue ``context`` ``[B, C, T_c, h, w]`` (§E.4, §I.22).
-
-    Euler steps ``x ← x + (σ_{i+1} − σ_i)·v̂`` over ``sigmas`` (descending to 0), starting from ``noise`` (drawn with
-    ``generator`` if None). At every step the network sees the clean context followed by the current target at one
-    timestep ``1000·σ_i``, so the context never drifts. With ``guidance_scale`` g ≠ 1 the prediction is
-    ``v_u + g·(v_c − v_u)`` with ``negative_text`` (zeros if None) as the unconditional prompt.
-    Returns the target latents ``[B, C, num_target_frames, h, w]``.
-    """
-    if context.dim() != 5:
-        raise ValueError(f"context latents must be [B, C, T, h, w], got shape {tuple(context.shape)}")
-    if num_target_frames < 1:
-        raise ValueError(f"num_target_frames must be >= 1, got {num_target_frames}")
-    b, c, _, h, w = context.shape
-    shape = (b, c, num_target_frames, h, w)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32,
-                            device=generator.device if generator is not None else context.device)
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    x = noise.to(device=context.device, dtype=torch.float32)
-    guided = float(guidance_scale) != 1.0
-    if guided:
-        negative = torch.zeros_like(text) if negative_text is None else negative_text.to(text)
-        if negative.shape[0] == 1 and b > 1:
-            negative = negative.expand(b, *negative.shape[1:])
-        texts = torch.cat([text, negative])
-        ctx = torch.cat([context, context])
-    else:
-        texts, ctx = text, context
-    steps = range(len(sigmas) - 1)
-    for i in progress(steps) if progress is not None else steps:
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x_in = x if not guided else torch.cat([x, x])
-        sequence = torch.cat([ctx, x_in.to(ctx.dtype)], dim=2)
-        t = torch.full((sequence.shape[0],), 1000.0 * sigma, device=context.device)
-        flow = network(sequence, t, texts)[:, :, -num_target_frames:].float()
-        if guided:
-            cond, uncond = flow.chunk(2)
-            flow = classifier_free_guidance(cond, uncond, float(guidance_scale) - 1.0)
-        x = x + (sigma_next - sigma) * flow
-    return x.to(context.dtype)
 
 
 def _as_dataclass(value: Any, cls: type, name: str) -> Any:
@@ -382,7 +321,7 @@ class TeacherERFT(pl.LightningModule):
         if not any(hasattr(p, "ds_id") for p in params):
             load_wan_weights(network, path)
             return
-        from cf.strategies import gathered_parameters
+        from cf.zero import gathered_parameters
 
         with gathered_parameters(params, modifier_rank=0):
             if _world()[0] == 0:
@@ -722,7 +661,7 @@ class TeacherERFT(pl.LightningModule):
         network = self._require_network()
         params = list(network.parameters())
         if any(hasattr(p, "ds_id") for p in params):
-            from cf.strategies import gathered_parameters
+            from cf.zero import gathered_parameters
 
             with gathered_parameters(params):
                 state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
