@@ -1,9 +1,12 @@
-"""``cf data shards|synth|encode``: write video shards, the synthetic dataset, and latent shards."""
+"""``cf data shards|synth|encode|ode-pairs``: write video shards, the synthetic dataset, latent shards, and the teacher's
+ODE trajectories."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 
 def json_object(text: str) -> dict:
@@ -123,7 +126,86 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     encode.add_argument("--device", default="cpu")
     encode.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the videos")
     encode.set_defaults(func=run_encode)
-    from data.ode_pairs import register_ode_pairs
-
     register_ode_pairs(commands)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: `cf data ode-pairs`
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_config(weights: Path, network: str | None) -> dict:
+    """WanConfig fields: from --network (a preset name or a JSON file) or the config.json beside the weights."""
+    from cf.models.wan import WanConfig
+
+    if network in ("tiny", "wan2.1-1.3b"):
+        return asdict(WanConfig.tiny() if network == "tiny" else WanConfig.wan2_1_1_3b())
+    source = Path(network) if network else weights.parent / "config.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"no DiT config: {source} does not exist; pass --network tiny | wan2.1-1.3b | "
+                                "<config.json> (the teacher export writes config.json beside its weights)")
+    raw = json.loads(source.read_text())
+    return dict(raw.get("wan_config", raw))
+
+
+def run_ode_pairs(args: argparse.Namespace) -> None:
+    """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression."""
+    from cf.encoders import build_text_encoder, resolve_dtype
+    from cf.models.wan import WanConfig, WanDiT
+    from cf.weights import load_wan_weights
+    from data.ode_pairs import ODEPairConfig, write_ode_pairs
+    from data.pipeline import read_prompt_file
+
+    weights = Path(args.teacher)
+    if not weights.exists():
+        raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
+                                "(`cf convert teacher` output) or Wan2.1 weights")
+    teacher = WanDiT(WanConfig(**_teacher_config(weights, args.network)))
+    load_wan_weights(teacher, weights)
+    teacher = teacher.to(resolve_dtype(args.dtype)).requires_grad_(False)
+    text_encoder = build_text_encoder(args.text_encoder, dtype=args.dtype, **args.text_encoder_args)
+    prompts = read_prompt_file(args.prompts)[: args.limit]
+    config = ODEPairConfig(num_frames=args.num_frames, latent_size=tuple(args.latent_size), num_steps=args.num_steps,
+                           shift=args.shift, guidance_scale=args.guidance, stored_steps=tuple(args.stored_steps),
+                           negative_prompt=args.negative_prompt)
+    report = write_ode_pairs(teacher, text_encoder, prompts, args.out, config, seed=args.seed,
+                             batch_size=args.batch_size, maxcount=args.maxcount,
+                             storage_dtype=resolve_dtype(args.storage_dtype), device=args.device)
+    print(f"wrote {report.num_samples} ODE pairs in {report.num_shards} shard(s): {report.urls}")
+
+
+def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ode-pairs`` to the sub-commands of ``cf data``."""
+    import data.ode_pairs as ode_pairs
+
+    p = data_subparsers.add_parser("ode-pairs", help="teacher ODE trajectories for the stage-0 student init",
+                                   description=ode_pairs.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="bidirectional teacher weights (Wan layout .safetensors)")
+    p.add_argument("--network", default=None,
+                   help="DiT config: tiny | wan2.1-1.3b | a config.json (default: config.json beside the weights)")
+    p.add_argument("--prompts", required=True, help="text file with one prompt per line")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/ode-%%06d.tar")
+    p.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
+    p.add_argument("--text-encoder-args", type=json_object, default={},
+                   help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 8}'")
+    p.add_argument("--num-frames", type=int, default=21, help="latent frames per trajectory (default 21)")
+    p.add_argument("--latent-size", type=int, nargs=2, default=[60, 104], metavar=("H", "W"),
+                   help="latent height and width (default 60 104)")
+    p.add_argument("--num-steps", type=int, default=48, help="Euler steps (default 48)")
+    p.add_argument("--shift", type=float, default=8.0, help="grid shift (default 8)")
+    p.add_argument("--guidance", type=float, default=6.0, help="CFG scale g of uncond + g(cond - uncond) (default 6)")
+    p.add_argument("--stored-steps", type=int, nargs="+", default=[0, 12, 24, 36],
+                   help="steps whose input state is stored (default 0 12 24 36)")
+    p.add_argument("--negative-prompt", default=ode_pairs.WAN_NEGATIVE_PROMPT,
+                   help="unconditional prompt (default: Wan's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--maxcount", type=int, default=1000, help="pairs per shard (default 1000)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="dtype of the teacher and text encoder (default float32)")
+    p.add_argument("--storage-dtype", default="float32", help="dtype stored in the shards (e.g. bfloat16)")
+    p.set_defaults(func=run_ode_pairs)
+    return p

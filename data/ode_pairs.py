@@ -9,19 +9,17 @@ One sample: ``{key}.ode.pth`` ``[K + 1, C, T, h, w]`` (the K stored states, then
 ``{key}.json`` (``stored_steps``, their ``timesteps`` t = 1000·σ, ``num_steps``, ``shift``, ``guidance_scale``,
 ``seed``, ``latent_shape``, ``text_length``).
 
-`cf data ode-pairs` writes them (`register_ode_pairs`); `ODEPairDataModule` reads them back as batches
+`cf data ode-pairs` (`data.cli`) writes them with `write_ode_pairs`; `ODEPairDataModule` reads them back as batches
 ``{"ode": [B, K + 1, C, T, h, w], "text": [B, L, D], "caption", "key"}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
@@ -33,9 +31,7 @@ from webdataset.utils import pytorch_worker_info
 
 from cf.diffusion import sampling_sigmas
 from cf.sampling import sample_flow
-from data.cli import json_object
 from data.datamodule import check_shards_exist
-from data.pipeline import read_prompt_file
 from data.shards import ShardSink, ShardWriteReport
 
 __all__ = [
@@ -44,7 +40,6 @@ __all__ = [
     "ODEPairStream",
     "WAN_NEGATIVE_PROMPT",
     "ode_trajectory",
-    "register_ode_pairs",
     "write_ode_pairs",
 ]
 
@@ -331,78 +326,3 @@ class ODEPairDataModule(pl.LightningDataModule):
         if self.val_dataset is None:
             self.setup("validate")
         return DataLoader(self.val_dataset, batch_size=None, num_workers=self.hparams.num_workers)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line: `cf data ode-pairs`
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _teacher_config(weights: Path, network: str | None) -> dict:
-    """WanConfig fields: from --network (a preset name or a JSON file) or the config.json beside the weights."""
-    from cf.models.wan import WanConfig
-
-    if network in ("tiny", "wan2.1-1.3b"):
-        return asdict(WanConfig.tiny() if network == "tiny" else WanConfig.wan2_1_1_3b())
-    source = Path(network) if network else weights.parent / "config.json"
-    if not source.is_file():
-        raise FileNotFoundError(f"no DiT config: {source} does not exist; pass --network tiny | wan2.1-1.3b | "
-                                "<config.json> (the teacher export writes config.json beside its weights)")
-    raw = json.loads(source.read_text())
-    return dict(raw.get("wan_config", raw))
-
-
-def run_ode_pairs(args: argparse.Namespace) -> None:
-    """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression."""
-    from cf.encoders import build_text_encoder, resolve_dtype
-    from cf.models.wan import WanConfig, WanDiT
-    from cf.weights import load_wan_weights
-
-    weights = Path(args.teacher)
-    if not weights.exists():
-        raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
-                                "(`cf convert teacher` output) or Wan2.1 weights")
-    teacher = WanDiT(WanConfig(**_teacher_config(weights, args.network)))
-    load_wan_weights(teacher, weights)
-    teacher = teacher.to(resolve_dtype(args.dtype)).requires_grad_(False)
-    text_encoder = build_text_encoder(args.text_encoder, dtype=args.dtype, **args.text_encoder_args)
-    prompts = read_prompt_file(args.prompts)[: args.limit]
-    config = ODEPairConfig(num_frames=args.num_frames, latent_size=tuple(args.latent_size), num_steps=args.num_steps,
-                           shift=args.shift, guidance_scale=args.guidance, stored_steps=tuple(args.stored_steps),
-                           negative_prompt=args.negative_prompt)
-    report = write_ode_pairs(teacher, text_encoder, prompts, args.out, config, seed=args.seed,
-                             batch_size=args.batch_size, maxcount=args.maxcount,
-                             storage_dtype=resolve_dtype(args.storage_dtype), device=args.device)
-    print(f"wrote {report.num_samples} ODE pairs in {report.num_shards} shard(s): {report.urls}")
-
-
-def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``ode-pairs`` to the sub-commands of ``cf data``."""
-    p = data_subparsers.add_parser("ode-pairs", help="teacher ODE trajectories for the stage-0 student init",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="bidirectional teacher weights (Wan layout .safetensors)")
-    p.add_argument("--network", default=None,
-                   help="DiT config: tiny | wan2.1-1.3b | a config.json (default: config.json beside the weights)")
-    p.add_argument("--prompts", required=True, help="text file with one prompt per line")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/ode-%%06d.tar")
-    p.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
-    p.add_argument("--text-encoder-args", type=json_object, default={},
-                   help="JSON keyword arguments, e.g. '{\"dim\": 32, \"max_length\": 8}'")
-    p.add_argument("--num-frames", type=int, default=21, help="latent frames per trajectory (default 21)")
-    p.add_argument("--latent-size", type=int, nargs=2, default=[60, 104], metavar=("H", "W"),
-                   help="latent height and width (default 60 104)")
-    p.add_argument("--num-steps", type=int, default=48, help="Euler steps (default 48)")
-    p.add_argument("--shift", type=float, default=8.0, help="grid shift (default 8)")
-    p.add_argument("--guidance", type=float, default=6.0, help="CFG scale g of uncond + g(cond - uncond) (default 6)")
-    p.add_argument("--stored-steps", type=int, nargs="+", default=[0, 12, 24, 36],
-                   help="steps whose input state is stored (default 0 12 24 36)")
-    p.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="unconditional prompt (default: Wan's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--maxcount", type=int, default=1000, help="pairs per shard (default 1000)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="dtype of the teacher and text encoder (default float32)")
-    p.add_argument("--storage-dtype", default="float32", help="dtype stored in the shards (e.g. bfloat16)")
-    p.set_defaults(func=run_ode_pairs)
-    return p

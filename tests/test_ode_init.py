@@ -16,12 +16,12 @@ from cf.encoders import HashedTextEncoder
 from cf.lit.ode_init import ODEInitStudent, ode_regression_inputs, ode_regression_loss
 from cf.models.wan import WanConfig, WanDiT
 from cf.weights import read_state_dict, save_wan_weights
+from data.cli import register_ode_pairs
 from data.ode_pairs import (
     ODEPairConfig,
     ODEPairDataModule,
     ODEPairStream,
     ode_trajectory,
-    register_ode_pairs,
     write_ode_pairs,
 )
 
