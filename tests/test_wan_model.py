@@ -3,6 +3,7 @@ weight layouts."""
 
 import copy
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -347,3 +348,17 @@ def test_wrong_input_shapes_raise_value_errors():
         model(torch.randn(1, 4, 2, 4, 4), torch.zeros(1, 3), ctx)
     with pytest.raises(ValueError, match=f"text embeddings \\[B=1, L, {CFG.text_dim}\\]"):
         model(torch.randn(1, 4, 2, 4, 4), torch.zeros(1), torch.randn(1, 5, 7))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_layers", -3, r"network\.num_layers must be an integer >= 1, got -3"),
+    ("num_layers", 0, r"network\.num_layers must be an integer >= 1, got 0"),
+    ("dim", -64, r"network\.dim must be an integer >= 1, got -64"),
+    ("num_heads", 0, r"network\.num_heads must be an integer >= 1, got 0"),
+    ("ffn_dim", 0, r"network\.ffn_dim must be an integer >= 1"),
+    ("patch_size", (1, 0, 2), r"network\.patch_size must be three integers >= 1"),
+])
+def test_bad_config_values_are_named(field, value, match):
+    fields = {**asdict(WanConfig.tiny()), field: value}
+    with pytest.raises(ValueError, match=match):
+        WanConfig(**fields)

@@ -53,6 +53,17 @@ class WanConfig:
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        minimum = {"dim": 1, "ffn_dim": 1, "freq_dim": 2, "text_dim": 1, "text_len": 1, "in_dim": 1, "out_dim": 1,
+                   "num_heads": 1, "num_layers": 1, "rope_max_positions": 1}
+        for name, least in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"network.{name} must be an integer >= {least}, got {value!r}; fix network.{name} "
+                                 "in the config (Wan2.1-T2V-1.3B: WanConfig.wan2_1_1_3b())")
+        if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
+            raise ValueError(f"network.patch_size must be three integers >= 1 (t, h, w), got {self.patch_size}")
+        if not (self.eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"network.eps and network.rope_theta must be > 0, got {self.eps} and {self.rope_theta}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if (self.dim // self.num_heads) % 2:
