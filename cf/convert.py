@@ -8,14 +8,13 @@
 - ``cf convert zero CKPT_DIR OUT_DIR``: a sharded DeepSpeed checkpoint -> one Wan-layout safetensors per DiT found
   in each engine (training prefixes stripped, LoRA merged).
 
-LoRA merging is plain maths on state dicts (`merge_lora_state_dict`), so no model has to be built to export.
+LoRA merging is plain maths on state dicts (`cf.lora.merge_lora_state_dict`), so no model has to be built to export.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,99 +22,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
 from cf.weights import from_diffusers, is_diffusers_layout, read_state_dict, strip_training_prefixes, to_diffusers
 
 __all__ = [
-    "EXPORT_KEY",
     "checkpoint_dit_state_dict",
     "dit_state_dicts",
     "export_teacher",
-    "has_lora",
-    "merge_lora_state_dict",
     "read_lightning_checkpoint",
     "register",
     "write_state_dict",
 ]
 
-# Key of the export metadata a `TeacherERFT` checkpoint carries: {"wan_config": dict, "finetune": str,
-# "lora_rank": int, "lora_alpha": float, "network_prefix": str}.
-EXPORT_KEY = "dit_export"
-
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_UNSUPPORTED_LORA = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _WAN_MARKER = "patch_embedding.weight"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA merging
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _strip_peft_prefix(key: str) -> str:
-    return key.replace(_PEFT_PREFIX, "")
-
-
-def has_lora(state_dict: Mapping[str, Tensor]) -> bool:
-    """Whether the keys carry peft LoRA factors (``….lora_A[.<adapter>].weight``)."""
-    return any(_LORA_KEY.match(k) for k in state_dict)
-
-
-def merge_lora_state_dict(state_dict: Mapping[str, Tensor], alpha: float | None = None, rank: int | None = None,
-                          adapter: str | None = None) -> dict[str, Tensor]:
-    """Fold peft LoRA factors into their base Linear weights: ``W ← W + (α / r)·B @ A``.
-
-    ``state_dict`` is a peft-wrapped module's state dict: ``X.base_layer.weight`` ``[out, in]`` (+ bias),
-    ``X.lora_A.<adapter>.weight`` ``[r, in]`` and ``X.lora_B.<adapter>.weight`` ``[out, r]`` (the adapter name may be
-    absent, and a ``base_model.model.`` prefix is removed). The result has plain names (``X.weight``, ``X.bias``),
-    the base dtype, and keys without LoRA pass through. ``rank`` defaults to each module's ``lora_A`` rows (when
-    given, it must match them); ``alpha`` defaults to the rank (scale 1). The sum is computed in float32.
-    """
-    sd = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
-    unsupported = sorted({k for k in sd for name in _UNSUPPORTED_LORA if f".{name}" in k})
-    if unsupported:
-        raise NotImplementedError(
-            f"merging {unsupported[0]!r} is not implemented: only LoRA on Linear layers (lora_A/lora_B) is supported, "
-            "not embedding LoRA or DoRA"
-        )
-    factors: dict[str, dict[str, Tensor]] = {}
-    adapters: set[str] = set()
-    for key, value in sd.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            name = match["adapter"] or ""
-            if adapter is not None and name != adapter:
-                continue
-            adapters.add(name)
-            factors.setdefault(match["module"], {})[match["kind"]] = value
-    if len(adapters) > 1:
-        raise ValueError(f"the state dict holds several LoRA adapters {sorted(adapters)}; pass adapter=<one of them>")
-    out: dict[str, Tensor] = {}
-    for key, value in sd.items():
-        if _LORA_KEY.match(key):
-            continue
-        module, _, leaf = key.rpartition(".base_layer.")
-        out[f"{module}.{leaf}" if module else key] = value
-    for module, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"LoRA module {module!r} has lora_{''.join(pair)} but not both lora_A and lora_B")
-        a, b = pair["A"], pair["B"]
-        weight_key = f"{module}.weight"
-        if weight_key not in out:
-            raise KeyError(f"LoRA factors for {module!r} but no base weight {module}.base_layer.weight")
-        base = out[weight_key]
-        if base.dim() != 2 or a.dim() != 2 or b.dim() != 2:
-            raise NotImplementedError(f"LoRA merging supports Linear layers only; {module!r} has a "
-                                      f"{base.dim()}-D weight")
-        r = a.shape[0]
-        if rank is not None and rank != r:
-            raise ValueError(f"rank={rank} was given but {module!r} has LoRA rank {r}")
-        if b.shape != (base.shape[0], r) or a.shape[1] != base.shape[1]:
-            raise ValueError(f"LoRA shapes of {module!r} do not fit: W {tuple(base.shape)}, A {tuple(a.shape)}, "
-                             f"B {tuple(b.shape)}")
-        scale = (float(alpha) if alpha is not None else float(r)) / r
-        out[weight_key] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,7 +55,7 @@ def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None
     peft's ``base_model.model.``, training wrappers), LoRA is merged with ``alpha`` (`merge_lora_state_dict`) and
     diffusers names become the original Wan names. A bare DiT state dict gives the prefix ``""``.
     """
-    sd = {_strip_peft_prefix(k): v for k, v in state_dict.items()}
+    sd = {strip_peft_prefix(k): v for k, v in state_dict.items()}
     prefixes = sorted({k[: -len(_WAN_MARKER)] for k in sd if k.endswith(_WAN_MARKER)}, key=len)  # both layouts
     if not prefixes:
         raise ValueError(

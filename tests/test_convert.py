@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 import cf.strategies
 import cf.zero
 from cf.cli import main as cf_main
-from cf.convert import dit_state_dicts, has_lora, merge_lora_state_dict
-from cf.lit.teacher import LORA_TARGETS, TeacherERFT
+from cf.convert import dit_state_dicts
+from cf.lit.teacher import TeacherERFT
+from cf.lora import LORA_TARGETS, has_lora, merge_lora_state_dict
 from cf.models.wan import WanConfig, WanDiT
 from cf.weights import to_diffusers
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cf.convert import EXPORT_KEY, merge_lora_state_dict
 from cf.diffusion import flow_target, sample_grid_timesteps, sampling_sigmas
 from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder
 from cf.erft import ErrorInjector, Injection, InjectionFlags
@@ -40,6 +38,7 @@ from cf.teacher_layout import (
     long_layout,
     long_layout_from_latents,
 )
+from cf.lora import EXPORT_KEY, LORA_TARGETS, apply_lora, export_state_dict
 from cf.losses import flow_matching_loss
 from cf.models.wan import WanConfig, WanDiT
 from cf.sampling import continue_latents
@@ -51,14 +50,10 @@ __all__ = [
     "ERFTConfig",
     "ERFT_STATE_KEY",
     "ERFTStepOutput",
-    "LORA_TARGETS",
     "TeacherERFT",
     "TeacherSamplingConfig",
-    "apply_lora",
 ]
 
-# Every Linear named q, k, v, o (self- and cross-attention) and ffn.0 / ffn.2 (§E.1); a full-match regex for peft.
-LORA_TARGETS = r".*\.(self_attn|cross_attn)\.(q|k|v|o)|.*\.ffn\.(0|2)"
 ERFT_STATE_KEY = "erft_state"
 
 
@@ -129,50 +124,6 @@ class ERFTStepOutput(NamedTuple):
     flow_target: Tensor
     injection: Injection
     flags: InjectionFlags
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plain functions: LoRA wrapping
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def apply_lora(network: nn.Module, rank: int = 128, alpha: float = 128.0, targets: str = LORA_TARGETS) -> nn.Module:
-    """Wrap the target Linears of ``network`` with peft LoRA in place (A Kaiming-uniform, B = 0, fp32 factors) and
-    freeze everything else. Returns the same module; its state-dict keys gain ``base_layer`` / ``lora_A.default``.
-
-    Under DeepSpeed ZeRO-3 (parameters created partitioned) peft's initialisation only sees empty partitions, so the
-    factors are initialised again on the gathered parameters (rank 0's values are broadcast).
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if rank < 1:
-        raise ValueError(f"lora_rank must be >= 1, got {rank}")
-    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=targets, lora_dropout=0.0,
-                        init_lora_weights=True, bias="none")
-    try:
-        inject_adapter_in_model(config, network)
-    except ValueError as exn:
-        raise ValueError(f"lora_targets {targets!r} matched no Linear layer of the DiT: {exn}") from exn
-    factors = []
-    for name, param in network.named_parameters():
-        is_lora = ".lora_A." in name or ".lora_B." in name
-        param.requires_grad_(is_lora)
-        if is_lora:
-            factors.append((name, param))
-    if any(hasattr(p, "ds_id") for _, p in factors):
-        from cf.zero import gathered_parameters
-
-        with gathered_parameters([p for _, p in factors], modifier_rank=0), torch.no_grad():
-            for name, param in factors:
-                if ".lora_A." in name:
-                    nn.init.kaiming_uniform_(param, a=math.sqrt(5))
-                else:
-                    nn.init.zeros_(param)
-    else:
-        for _, param in factors:
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
-    return network
 
 
 def _as_dataclass(value: Any, cls: type, name: str) -> Any:
@@ -658,15 +609,4 @@ class TeacherERFT(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ export
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The DiT weights with LoRA merged, original Wan names (loads strict into `WanDiT`), on CPU."""
-        network = self._require_network()
-        params = list(network.parameters())
-        if any(hasattr(p, "ds_id") for p in params):
-            from cf.zero import gathered_parameters
-
-            with gathered_parameters(params):
-                state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-        else:
-            state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-        if self.hparams.finetune == "lora":
-            state = merge_lora_state_dict(state, alpha=self.hparams.lora_alpha)
-        return state
+        return export_state_dict(self._require_network(), alpha=self.hparams.lora_alpha)
