@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
-from cf.weights import from_diffusers, is_diffusers_layout, read_state_dict, strip_training_prefixes, to_diffusers
+from cf.atomic import atomic_write_text
+from cf.weights import (
+    from_diffusers,
+    is_diffusers_layout,
+    read_state_dict,
+    strip_training_prefixes,
+    to_diffusers,
+    write_safetensors,
+)
 
 __all__ = [
     "checkpoint_dit_state_dict",
@@ -73,17 +81,12 @@ def dit_state_dicts(state_dict: Mapping[str, Tensor], alpha: float | None = None
 
 
 def write_state_dict(state_dict: Mapping[str, Tensor], path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write tensors (detached, contiguous, on CPU; floats cast to ``dtype`` when given) to a safetensors file."""
-    from safetensors.torch import save_file
-
+    """Write tensors (detached, contiguous, on CPU; floats cast to ``dtype`` when given) to a safetensors file;
+    atomic, and refused when a tensor holds NaN/inf (`cf.weights.write_safetensors`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"output {path} must end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-               for k, v in state_dict.items()}
-    save_file(tensors, str(path))
-    return path
+    return write_safetensors(state_dict, path, dtype)
 
 
 def _find_export_meta(obj: Any) -> dict[str, Any] | None:
@@ -168,7 +171,7 @@ def export_teacher(checkpoint: str | Path, out: str | Path, dtype: torch.dtype |
     config_path = None
     if config is not None:
         config_path = out.parent / "config.json"
-        config_path.write_text(json.dumps(dict(config), indent=2) + "\n")
+        atomic_write_text(config_path, json.dumps(dict(config), indent=2) + "\n")
     return out, config_path
 
 
@@ -229,7 +232,7 @@ def run_zero(args: argparse.Namespace) -> None:
             path = write_state_dict(sd, out_dir / f"{name}.safetensors", _dtype(args))
             print(f"wrote {path} ({len(sd)} tensors)")
             if meta.get("wan_config") is not None and prefix == meta.get("network_prefix", "network").rstrip("."):
-                (out_dir / f"{name}.config.json").write_text(json.dumps(meta["wan_config"], indent=2) + "\n")
+                atomic_write_text(out_dir / f"{name}.config.json", json.dumps(meta["wan_config"], indent=2) + "\n")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cf.atomic import atomic_write_text
 from cf.memory import MemoryConfig
 from cf.models.wan import WanConfig
 from cf.weights import WeightLoadError, normalize_state_dict, read_state_dict, save_wan_weights
@@ -73,10 +74,7 @@ class GeneratorSpec:
         return cls.from_dict(json.loads(path.read_text()))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
     def model_config(self) -> WanConfig:
         return WanConfig(**self.wan_config)
@@ -93,12 +91,16 @@ class GeneratorSpec:
 def write_generator_export(path: str | os.PathLike, state_dict: Mapping[str, Tensor], spec: Mapping[str, Any],
                            dtype: torch.dtype | None = None) -> Path:
     """Write the generator as a Wan-layout ``.safetensors`` at ``path`` and ``config.json`` beside it (``spec``:
-    the `GeneratorSpec` fields, plus provenance). Returns the weights path."""
+    the `GeneratorSpec` fields, plus provenance). Returns the weights path.
+
+    Nothing is written when a tensor holds NaN/inf (`cf.weights.NonFiniteWeightsError`, raised before config.json
+    is touched); each file is written beside its target and swapped in only when complete, so a failed export
+    leaves the previous one in place."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
     save_wan_weights(dict(state_dict), path, dtype=dtype)
-    (path.parent / "config.json").write_text(json.dumps(dict(spec), indent=2) + "\n")
+    atomic_write_text(path.parent / "config.json", json.dumps(dict(spec), indent=2) + "\n")
     return path
 
 

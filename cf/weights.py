@@ -172,16 +172,46 @@ def load_wan_weights(model: nn.Module, path: str | Path, strict: bool = True) ->
     load_into(model, normalize_state_dict(read_state_dict(path)), strict=strict)
 
 
-def save_wan_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | Path,
-                     dtype: torch.dtype | None = None) -> Path:
-    """Write a Wan-layout `.safetensors` file (original names) loadable strict by `WanDiT`/`CausalWanDiT`."""
+class NonFiniteWeightsError(ValueError):
+    """Weights about to be written hold NaN or inf values."""
+
+
+def check_finite_weights(state_dict: Mapping[str, Tensor], target: str | Path) -> None:
+    """Raise `NonFiniteWeightsError` naming the first floating tensor of ``state_dict`` that holds NaN/inf (and how
+    many more do), with the fix; ``target`` is the file that was about to be written."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in state_dict.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    name, count = bad[0]
+    numel = state_dict[name].numel()
+    more = f" (and {len(bad) - 1} more of the {len(state_dict)} tensors)" if len(bad) > 1 else ""
+    raise NonFiniteWeightsError(
+        f"refusing to write {target}: tensor {name!r} holds {count} NaN/inf values of {numel}{more}. The weights "
+        "diverged (or overflowed in a lower-precision cast): export an earlier checkpoint, one saved before the "
+        "loss became NaN, or keep the stored dtype; the previous file, if any, is left as it was"
+    )
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write tensors (detached, contiguous, on CPU; floats cast to ``dtype`` when given) to a safetensors file,
+    atomically (`cf.atomic.atomic_path`) and only if every floating tensor is finite (`check_finite_weights`)."""
     from safetensors.torch import save_file
 
-    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
-    sd = normalize_state_dict(sd)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-          for k, v in sd.items()}
+    from cf.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+          for k, v in tensors.items()}
+    check_finite_weights(sd, path)
+    with atomic_path(path) as temp:
+        save_file(sd, str(temp))
     return path
+
+
+def save_wan_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | Path,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write a Wan-layout `.safetensors` file (original names) loadable strict by `WanDiT`/`CausalWanDiT`; atomic,
+    and refused when a tensor holds NaN/inf (`write_safetensors`)."""
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    return write_safetensors(normalize_state_dict(sd), path, dtype)

@@ -1,0 +1,118 @@
+"""Atomic file replacement: write a temporary file beside the target, flush it to disk, then ``os.replace`` it over
+the target. The target therefore always holds either its previous content or the complete new one, on any local
+filesystem (the temporary file is in the same folder, so the rename never crosses filesystems).
+
+Temporary names are ``.<name>.tmp-<host>-<pid>-<random>``. A failed or interrupted write removes its temporary file;
+one left by a killed process (SIGKILL, power loss) is removed by the next atomic write into the same folder from
+the same host once that process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_text", "remove_stale_temporaries", "temporary_name"]
+
+_MARK = ".tmp-"
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A fresh temporary path in ``path``'s folder (hidden, unique per host, process and call)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files in ``folder`` left by processes of this host that no longer run. Returns them."""
+    folder = Path(folder)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host = _host()
+    for name in names:
+        if not name.startswith(".") or _MARK not in name:
+            continue
+        parts = name.rsplit(_MARK, 1)[1].split("-")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            (folder / name).unlink()
+            removed.append(folder / name)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open folders; the rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write the whole file to; on a clean exit it replaces ``path`` atomically.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is left as it was.
+    The folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
+    temp = temporary_name(path)
+    try:
+        yield temp
+        if not temp.is_file():
+            raise FileNotFoundError(f"nothing was written to the temporary file {temp} for {path}")
+        _fsync(temp)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync(path.parent, directory=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (`atomic_path`). Returns the path."""
+    path = Path(path)
+    with atomic_path(path) as temp:
+        temp.write_text(text, encoding=encoding)
+    return path

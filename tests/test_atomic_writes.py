@@ -1,0 +1,116 @@
+"""Exports and conversions never replace a good file with a bad or partial one: non-finite weights are refused
+before anything is written, a failing write leaves the previous file and no temporary behind (cf.atomic,
+cf.weights.write_safetensors, cf.export.write_generator_export, cf convert)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file, save_file
+
+from cf.atomic import atomic_path, atomic_write_text, temporary_name
+from cf.cli import main as cf_main
+from cf.export import write_generator_export
+from cf.models.wan import WanConfig, WanDiT
+from cf.weights import NonFiniteWeightsError, save_wan_weights
+
+
+def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return WanDiT(WanConfig.tiny()).state_dict()
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if ".tmp-" in name)
+
+
+def test_nan_export_is_refused_and_the_previous_export_kept(tmp_path: Path) -> None:
+    target = tmp_path / "export" / "generator.safetensors"
+    write_generator_export(target, tiny_state(0), {"trainer_step": 1})
+    weights, config = target.read_bytes(), (target.parent / "config.json").read_text()
+
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in tiny_state(1).items()}
+    with pytest.raises(NonFiniteWeightsError, match=r"refusing to write .*generator\.safetensors: tensor "
+                                                    r"'[\w.]+' holds \d+ NaN/inf values .*earlier checkpoint"):
+        write_generator_export(target, poisoned, {"trainer_step": 2})
+    assert target.read_bytes() == weights
+    assert (target.parent / "config.json").read_text() == config
+    assert temporaries(target.parent) == []
+
+    one_bad = tiny_state(1)
+    one_bad["blocks.1.ffn.2.bias"][3] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"'blocks\.1\.ffn\.2\.bias' holds 1 NaN/inf values of 64\."):
+        save_wan_weights(one_bad, target)
+    assert target.read_bytes() == weights
+
+
+def test_a_cast_that_overflows_is_refused(tmp_path: Path) -> None:
+    state = {"patch_embedding.weight": torch.full((2, 2), 1e6)}
+    with pytest.raises(NonFiniteWeightsError, match="lower-precision cast"):
+        save_wan_weights(state, tmp_path / "w.safetensors", dtype=torch.float16)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_failing_write_leaves_the_previous_file_and_no_temporary(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "teacher.safetensors"
+    save_wan_weights(tiny_state(0), target)
+    before = target.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_wan_weights(tiny_state(1), target)
+    assert target.read_bytes() == before
+    assert temporaries(tmp_path) == []
+
+
+def test_an_interrupted_text_write_keeps_the_old_text(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as temp:
+            temp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old\n"
+    assert temporaries(tmp_path) == []
+
+
+def test_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+    mine = temporary_name(tmp_path / "last.ckpt")
+    stale = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    stale.write_bytes(b"orphan of a killed write")
+    live = temporary_name(tmp_path / "other.ckpt")
+    live.write_bytes(b"a write in progress in this process")
+    atomic_write_text(tmp_path / "notes.txt", "x")
+    assert not stale.exists()
+    assert live.exists()
+
+
+def test_cf_convert_refuses_non_finite_weights(tmp_path: Path) -> None:
+    state = {k: v.clone() for k, v in tiny_state(0).items()}
+    state["head.head.weight"][0, 0] = float("nan")
+    source = tmp_path / "nan.safetensors"
+    save_file(state, str(source))
+    out = tmp_path / "out" / "diffusers.safetensors"
+    with pytest.raises(NonFiniteWeightsError, match=r"tensor 'proj_out\.weight' holds 1 NaN/inf values"):
+        cf_main(["convert", "diffusers", str(source), str(out)])
+    assert not out.exists()
+    good = tiny_state(0)
+    save_file(good, str(source))
+    cf_main(["convert", "diffusers", str(source), str(out)])
+    assert len(load_file(str(out))) == len(good)
+    assert sorted(os.listdir(out.parent)) == ["diffusers.safetensors"]
