@@ -8,6 +8,7 @@ from typing import Any
 
 _EXPORTS = {
     "EMA": "callbacks.ema",
+    "FiniteGuard": "callbacks.finite_guard",
     "VideoLogger": "callbacks.video_logger",
     "SkippedSamplesLogger": "callbacks.data_health",
     "LongVideoEval": "callbacks.long_video_eval",
