@@ -56,6 +56,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing_latent",  # no {key}.latent.pth
     "missing_text",  # no {key}.text.pth
     "corrupt_latent",  # a .pth member that does not load as a tensor
+    "non_finite",  # a latent or text-embedding tensor holding NaN / inf (decoded mp4 frames are uint8: always finite)
 )
 
 Mode = Literal["video", "latents", "prompts"]
@@ -279,6 +280,11 @@ class ShardStream(_EpochAware, IterableDataset):
                 counter.skip("corrupt_latent", sample, f"{member}: {repr(exn)[:200]}")
                 return None
         latents, text = tensors["latents"], tensors["text"]
+        for name, tensor in (("latent", latents), ("text", text)):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                counter.skip("non_finite", sample, f"{name} tensor holds {bad} NaN/inf values of {tensor.numel()}")
+                return None
         if latents.ndim != 4 or text.ndim != 2:
             counter.skip("wrong_size", sample, f"latent {tuple(latents.shape)} / text {tuple(text.shape)}, "
                          "expected [C, T, h, w] / [L, D]")

@@ -540,3 +540,24 @@ def test_teacher_clips_configuration_errors():
         VideoDataModule(train_urls="x.tar", num_frames=None, batch_size=2, teacher_clips=PAPER_LONG)
     with pytest.raises(ValueError, match="mode='video'"):
         VideoDataModule(train_urls="x.tar", mode="latents", num_frames=None, teacher_clips=PAPER_LONG)
+
+
+def test_non_finite_latents_or_text_are_skipped_and_counted(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    samples = [{"__key__": f"s{i:02d}", "latent.pth": pth(torch.randn(4, 3, 2, 2, generator=rng)),
+                "text.pth": pth(torch.randn(3, 5, generator=rng)), "txt": f"cap {i}"} for i in range(24)]
+    poisoned = torch.randn(4, 3, 2, 2, generator=rng)
+    poisoned[1, 2, 0, 1] = float("nan")
+    samples[13]["latent.pth"] = pth(poisoned)
+    text = torch.randn(3, 5, generator=rng)
+    text[0, 0] = float("inf")
+    samples[5]["text.pth"] = pth(text)
+    url = write_tar(tmp_path / "nan.tar", samples)
+    dm = VideoDataModule(val_urls=url, mode="latents", batch_size=2, num_workers=0)
+    dm.setup("validate")
+    batches = collect(dm.val_dataloader())
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [f"s{i:02d}" for i in range(24) if i not in (5, 13)]
+    assert sum((Counter(b["skipped"]) for b in batches), Counter()) == {"non_finite": 2}
+    assert all(bool(torch.isfinite(b["latents"]).all() and torch.isfinite(b["text"]).all()) for b in batches)
+    assert "non_finite" in SKIP_REASONS
