@@ -123,8 +123,8 @@ def wan_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *overrides: str
     monkeypatch.setattr("sys.argv", ["cf"])
     cli = parse(WAN, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
                 *overrides)
-    cli.model._encoders.update(autoencoder=ToyAutoencoder(latent_channels=16, spatial_factor=8),
-                               text_encoder=HashedTextEncoder(dim=4096, max_length=4, vocab_size=8))
+    cli.model.encoders.built.update(autoencoder=ToyAutoencoder(latent_channels=16, spatial_factor=8),
+                                    text_encoder=HashedTextEncoder(dim=4096, max_length=4, vocab_size=8))
     return cli
 
 

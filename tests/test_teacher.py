@@ -325,7 +325,7 @@ def test_error_banks_are_checkpointed_per_rank(monkeypatch: pytest.MonkeyPatch) 
         assert dst == 0 and out is not None and len(out) == 2
         out[:] = copy.deepcopy(states)
 
-    monkeypatch.setattr(teacher_module, "_world", lambda: (0, 2))
+    monkeypatch.setattr(teacher_module, "rank_and_world", lambda: (0, 2))
     monkeypatch.setattr(teacher_module.dist, "gather_object", fake_gather_object)
     checkpoint: dict[str, Any] = {}
     module.on_save_checkpoint(checkpoint)
@@ -337,7 +337,7 @@ def test_error_banks_are_checkpointed_per_rank(monkeypatch: pytest.MonkeyPatch) 
 
     for rank, world in ((0, 2), (1, 2), (2, 3)):
         fresh = toy_teacher(erft={"warmup_steps": 0, "num_buckets": 5, "capacity": 8})
-        monkeypatch.setattr(teacher_module, "_world", lambda r=rank, w=world: (r, w))
+        monkeypatch.setattr(teacher_module, "rank_and_world", lambda r=rank, w=world: (r, w))
         fresh.on_load_checkpoint(checkpoint)
         source = states[rank % 2]
         assert len(fresh.banks.noise) == sum(len(b) for b in source["banks"]["noise"]["entries"])

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cf.diffusion import sample_dmd_timesteps
-from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder, resolve_dtype
+from cf.encoders import FrozenEncoders, TextEncoder, VideoAutoencoder, resolve_dtype
 from cf.export import GENERATOR_SPEC_KEY, GeneratorSpec, read_generator_weights, write_generator_export
 from cf.lit.arguments import as_dataclass, stable_seed
 from cf.losses import cdmd_critic_loss, cdmd_generator_loss, network_dtype
@@ -196,7 +196,8 @@ class CDMDStudent(pl.LightningModule):
         self.critic: WanDiT | nn.Module = nn.Module()
         self.real_score: WanDiT | nn.Module = nn.Module()
         # encoders are frozen and stay out of the module tree: no checkpoint weights, no ZeRO partitioning
-        self.__dict__["_encoders"] = {}
+        self.encoders = FrozenEncoders(autoencoder, text_encoder, encoder_dtype, autoencoder_args, text_encoder_args,
+                                       in_dim=self.network_config.in_dim, text_dim=self.network_config.text_dim)
         self.trainer_step = 0  # completed trainer steps (critic updates); read by the EMA callback
         self.generator_updates = 0
         self.critic_updates = 0
@@ -298,42 +299,17 @@ class CDMDStudent(pl.LightningModule):
         return {"generator": self.generator, "critic": self.critic}
 
     def setup(self, stage: str) -> None:
-        self._build_encoders()
-
-    def _build_encoders(self) -> None:
-        hp = self.hparams
-        if "autoencoder" not in self._encoders:
-            self._encoders["autoencoder"] = build_autoencoder(hp.autoencoder, dtype=hp.encoder_dtype,
-                                                              **(hp.autoencoder_args or {}))
-        if "text_encoder" not in self._encoders:
-            self._encoders["text_encoder"] = build_text_encoder(hp.text_encoder, dtype=hp.encoder_dtype,
-                                                                **(hp.text_encoder_args or {}))
-        cfg = self.network_config
-        ae, te = self._encoders["autoencoder"], self._encoders["text_encoder"]
-        if ae.latent_channels != cfg.in_dim:
-            raise ValueError(f"the autoencoder has {ae.latent_channels} latent channels but the DiT takes "
-                             f"in_dim={cfg.in_dim}; make network.in_dim/out_dim match the autoencoder")
-        if te.dim != cfg.text_dim:
-            raise ValueError(f"the text encoder gives {te.dim}-dim embeddings but the DiT has text_dim="
-                             f"{cfg.text_dim}; make network.text_dim match the text encoder")
-
-    def _encoder(self, name: str) -> nn.Module:
-        self._build_encoders()
-        encoder = self._encoders[name]
-        reference = next(iter([*encoder.parameters(), *encoder.buffers()]), None)
-        if reference is not None and reference.device != self.device:
-            encoder.to(self.device)
-        return encoder
+        self.encoders.build()
 
     @property
     def autoencoder(self) -> VideoAutoencoder:
         """The frozen autoencoder, on this module's device."""
-        return self._encoder("autoencoder")
+        return self.encoders.get("autoencoder", self.device, "encode and decode videos")
 
     @property
     def text_encoder(self) -> TextEncoder:
         """The frozen text encoder, on this module's device."""
-        return self._encoder("text_encoder")
+        return self.encoders.get("text_encoder", self.device, "embed prompts")
 
     @property
     def built(self) -> bool:

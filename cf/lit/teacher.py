@@ -25,10 +25,10 @@ from typing import Any, Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from cf.diffusion import flow_target, sample_grid_timesteps, sampling_sigmas
-from cf.encoders import TextEncoder, VideoAutoencoder, build_autoencoder, build_text_encoder
+from cf.encoders import FrozenEncoders, TextEncoder, VideoAutoencoder
 from cf.erft import ErrorInjector, Injection, InjectionFlags
 from cf.error_bank import ErrorBanks
 from cf.teacher_layout import (
@@ -38,11 +38,13 @@ from cf.teacher_layout import (
     long_layout,
     long_layout_from_latents,
 )
+from cf.lit.arguments import as_dataclass
 from cf.lora import EXPORT_KEY, LORA_TARGETS, apply_lora, export_state_dict
 from cf.losses import flow_matching_loss
 from cf.models.wan import WanConfig, WanDiT
 from cf.sampling import continue_latents
 from cf.weights import load_wan_weights
+from cf.zero import gathered_parameters, is_zero_partitioned, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -126,28 +128,12 @@ class ERFTStepOutput(NamedTuple):
     flags: InjectionFlags
 
 
-def _as_dataclass(value: Any, cls: type, name: str) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**value)
-    raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
-
-
 def _state_bytes(state: Tensor) -> bytes:
     return state.numpy().tobytes()
 
 
 def _state_tensor(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,8 +202,8 @@ class TeacherERFT(pl.LightningModule):
         val_sample_batches: int = 1,
     ) -> None:
         super().__init__()
-        self.network_config = _as_dataclass(network, WanConfig, "network") if network is not None \
-            else WanConfig.wan2_1_1_3b()
+        self.network_config = WanConfig.wan2_1_1_3b() if network is None else as_dataclass(network, WanConfig,
+                                                                                            "network")
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if layout not in ("long", "dense", "batch"):
@@ -226,9 +212,11 @@ class TeacherERFT(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
-        self.long_layout_config = _as_dataclass(long_layout, LongLayoutConfig, "long_layout")
-        self.erft_config = _as_dataclass(erft, ERFTConfig, "erft")
-        self.sampling_config = _as_dataclass(sampling, TeacherSamplingConfig, "sampling")
+        self.long_layout_config = LongLayoutConfig() if long_layout is None else \
+            as_dataclass(long_layout, LongLayoutConfig, "long_layout")
+        self.erft_config = ERFTConfig() if erft is None else as_dataclass(erft, ERFTConfig, "erft")
+        self.sampling_config = TeacherSamplingConfig() if sampling is None else \
+            as_dataclass(sampling, TeacherSamplingConfig, "sampling")
         self.val_timesteps = [float(t) for t in (val_timesteps if val_timesteps is not None else (250, 500, 750))]
         if any(not 0 < t <= 1000 for t in self.val_timesteps):
             raise ValueError(f"val_timesteps must lie in (0, 1000], got {self.val_timesteps}")
@@ -242,7 +230,8 @@ class TeacherERFT(pl.LightningModule):
         self.banks = self.erft_config.banks(shift, seed)
         self.network: WanDiT | None = None
         # encoders are frozen and stay out of the module tree: no checkpoint weights, no ZeRO partitioning
-        self.__dict__["_encoders"] = {}
+        self.encoders = FrozenEncoders(autoencoder, text_encoder, encoder_dtype, autoencoder_args, text_encoder_args,
+                                       in_dim=self.network_config.in_dim, text_dim=self.network_config.text_dim)
         self.__dict__["_object_group"] = None
         self._generator: torch.Generator | None = None
         self.videos_to_log: dict[str, Tensor] = {}
@@ -264,67 +253,36 @@ class TeacherERFT(pl.LightningModule):
         if self.hparams.finetune == "lora":
             apply_lora(network, self.hparams.lora_rank, self.hparams.lora_alpha, self.hparams.lora_targets)
         self.network = network
-        self._check_encoders_fit()
+        self.encoders.check_fit()
 
     @staticmethod
     def _load_base_weights(network: WanDiT, path: str) -> None:
+        """Load ``path`` into ``network``; under ZeRO-3 rank 0 reads the file into the gathered parameters and its
+        values are broadcast (a collective)."""
         params = list(network.parameters())
-        if not any(hasattr(p, "ds_id") for p in params):
+        if not is_zero_partitioned(params):
             load_wan_weights(network, path)
             return
-        from cf.zero import gathered_parameters
-
         with gathered_parameters(params, modifier_rank=0):
-            if _world()[0] == 0:
+            if rank_and_world()[0] == 0:
                 load_wan_weights(network, path)
 
     def setup(self, stage: str) -> None:
-        self._build_encoders()
+        self.encoders.build()
         if dist.is_available() and dist.is_initialized() and self._object_group is None \
                 and dist.get_backend() != "gloo":
             # checkpointing gathers every rank's error banks on rank 0 through host memory, not GPU memory
             self.__dict__["_object_group"] = dist.new_group(backend="gloo")
 
-    def _build_encoders(self) -> None:
-        hp = self.hparams
-        if "autoencoder" not in self._encoders and hp.autoencoder is not None:
-            self._encoders["autoencoder"] = build_autoencoder(hp.autoencoder, dtype=hp.encoder_dtype,
-                                                              **(hp.autoencoder_args or {}))
-        if "text_encoder" not in self._encoders and hp.text_encoder is not None:
-            self._encoders["text_encoder"] = build_text_encoder(hp.text_encoder, dtype=hp.encoder_dtype,
-                                                                **(hp.text_encoder_args or {}))
-        self._check_encoders_fit()
-
-    def _check_encoders_fit(self) -> None:
-        cfg = self.network_config
-        ae, te = self._encoders.get("autoencoder"), self._encoders.get("text_encoder")
-        if ae is not None and ae.latent_channels != cfg.in_dim:
-            raise ValueError(f"the autoencoder has {ae.latent_channels} latent channels but the DiT takes "
-                             f"in_dim={cfg.in_dim}; make network.in_dim/out_dim match the autoencoder")
-        if te is not None and te.dim != cfg.text_dim:
-            raise ValueError(f"the text encoder gives {te.dim}-dim embeddings but the DiT has text_dim="
-                             f"{cfg.text_dim}; make network.text_dim match the text encoder")
-
     @property
     def autoencoder(self) -> VideoAutoencoder:
         """The frozen autoencoder, on this module's device."""
-        return self._encoder("autoencoder", "encode pixel clips and decode videos")
+        return self.encoders.get("autoencoder", self.device, "encode pixel clips and decode videos")
 
     @property
     def text_encoder(self) -> TextEncoder:
         """The frozen text encoder, on this module's device."""
-        return self._encoder("text_encoder", "embed captions")
-
-    def _encoder(self, name: str, what: str) -> nn.Module:
-        self._build_encoders()
-        encoder = self._encoders.get(name)
-        if encoder is None:
-            raise ValueError(f"no {name} configured, but one is needed to {what}; set model.{name} "
-                             "(e.g. 'toy'/'hashed' or a local folder)")
-        reference = next(iter([*encoder.parameters(), *encoder.buffers()]), None)
-        if reference is not None and reference.device != self.device:
-            encoder.to(self.device)
-        return encoder
+        return self.encoders.get("text_encoder", self.device, "embed captions")
 
     def generator(self) -> torch.Generator:
         """The module's CPU generator (seed + global rank); its state is checkpointed."""
@@ -361,7 +319,7 @@ class TeacherERFT(pl.LightningModule):
                 raise ValueError("layout='batch' reads the layout of video batches (data teacher_clips); latent "
                                  "batches need layout='long' or 'dense'")
             latents = batch["latents"].to(self.device)
-            factor = int(getattr(self._encoders.get("autoencoder"), "temporal_factor", 4))
+            factor = int(getattr(self.encoders.built.get("autoencoder"), "temporal_factor", 4))
             if hp.layout == "long":
                 layout = long_layout_from_latents(latents, self.long_layout_config, factor)
             else:
@@ -550,7 +508,7 @@ class TeacherERFT(pl.LightningModule):
         """Store the error banks and the generator of every rank (keyed by rank, gathered on rank 0, which writes
         the checkpoint) and the export metadata."""
         state = {"banks": self.banks.state_dict(), "generator": self.generator().get_state()}
-        rank, world = _world()
+        rank, world = rank_and_world()
         if world > 1:
             gathered: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(state, gathered, dst=0, group=self._object_group)
@@ -573,7 +531,7 @@ class TeacherERFT(pl.LightningModule):
         if saved is None:
             log.warning("the checkpoint has no ERFT state: the error banks start empty")
             return
-        rank, world = _world()
+        rank, world = rank_and_world()
         ranks = saved["ranks"]
         if saved["world_size"] != world:
             log.warning(f"the checkpoint was written by {saved['world_size']} ranks and this run has {world}; "
