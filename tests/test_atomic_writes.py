@@ -10,16 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import safetensors.torch
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors.torch import load_file, save_file
 
 from cf.atomic import atomic_path, atomic_write_text, temporary_name
+from cf.checkpoint_io import AtomicCheckpointIO
 from cf.cli import main as cf_main
 from cf.export import write_generator_export
 from cf.models.wan import WanConfig, WanDiT
 from cf.weights import NonFiniteWeightsError, save_wan_weights
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -114,3 +119,56 @@ def test_cf_convert_refuses_non_finite_weights(tmp_path: Path) -> None:
     cf_main(["convert", "diffusers", str(source), str(out)])
     assert len(load_file(str(out))) == len(good)
     assert sorted(os.listdir(out.parent)) == ["diffusers.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lightning checkpoints (cf.checkpoint_io.AtomicCheckpointIO)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def checkpointing_trainer(root: Path, max_steps: int) -> pl.Trainer:
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1,
+                                               save_top_k=-1, save_last=True)
+    return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoints],
+                      plugins=[AtomicCheckpointIO()], limit_val_batches=0, num_sanity_val_steps=0)
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_last_ckpt(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+    written: list[str] = []
+
+    def disk_full_at_the_sixth_file(obj, f, *args, **kwargs):  # step 3 writes step=3.ckpt, then last.ckpt
+        written.append(str(f))
+        if len(written) == 6:
+            Path(f).write_bytes(b"PK\x03\x04 part of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_sixth_file)
+    torch.manual_seed(0)
+    with pytest.raises(OSError, match="No space left"):
+        checkpointing_trainer(tmp_path, max_steps=5).fit(BoringModel())
+    assert all(Path(f).parent == tmp_path and Path(f).name.startswith(".") for f in written)  # beside the target
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    good = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2
+    for key, value in good["state_dict"].items():
+        assert torch.equal(last["state_dict"][key], value), key
+
+
+def test_toy_configs_write_checkpoints_atomically(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setenv("CF_RUNS", str(tmp_path))
+    configs = [p for p in sorted((REPO / "configs" / "toy").glob("*.yaml")) if "callbacks:" in p.read_text()]
+    assert len(configs) >= 5
+    for config in configs:
+        assert "cf.checkpoint_io.AtomicCheckpointIO" in config.read_text(), config
+    cli = LightningCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=["--config", str(REPO / "configs" / "toy" / "teacher_erft.yaml")],
+                       parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
+                       save_config_callback=None)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
