@@ -16,6 +16,7 @@ from webdataset.utils import pytorch_worker_info
 
 from data.clips import TeacherClipMix, check_num_frames
 from data.pipeline import EpochDataLoader, PromptFileStream, ShardStream, StreamConfig, read_prompt_file
+from data.remote import ShardRetry
 
 __all__ = ["VideoDataModule", "expand_shard_urls", "check_shards_exist"]
 
@@ -88,6 +89,10 @@ class VideoDataModule(pl.LightningDataModule):
     ``batches_per_epoch``) or read each shard once per epoch split by rank (``split_by_node``) and DataLoader worker
     (``split_by_worker``). ``batches_per_epoch`` counts batches per rank. Validation streams read each sample once,
     in order, split by rank and worker, keeping a last partial batch.
+
+    A remote shard (``http(s)://``, ``pipe:`` command, ...) that cannot be read is tried ``1 + shard_retries`` times,
+    ``shard_retry_delay`` seconds apart (curl gives up on a connection or transfer stalled for ``shard_timeout``
+    seconds), then the stream stops with an error naming the URL (:mod:`data.remote`).
     """
 
     def __init__(
@@ -120,6 +125,9 @@ class VideoDataModule(pl.LightningDataModule):
         teacher_clips: dict[str, Any] | None = None,
         persistent_workers: bool = False,
         pin_memory: bool = False,
+        shard_retries: int = 3,
+        shard_retry_delay: float = 5.0,
+        shard_timeout: float = 60.0,
     ) -> None:
         super().__init__()
         if mode not in ("video", "latents", "prompts"):
@@ -168,6 +176,7 @@ class VideoDataModule(pl.LightningDataModule):
             fps=float(fps), max_upscale=max_upscale, latent_frames=latent_frames,
             latent_size=tuple(latent_size) if latent_size is not None else None, text_length=text_length,
             split_by_node=split_by_node, split_by_worker=split_by_worker, seed=int(seed), teacher_clips=clip_mix,
+            shard_retry=ShardRetry(int(shard_retries), float(shard_retry_delay), float(shard_timeout)),
         )
         self.train_config = StreamConfig(
             batch_size=self.batch_size, drop_last=True, clip_start=clip_start, shuffle_buffer=int(shuffle_buffer),

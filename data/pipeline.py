@@ -27,11 +27,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.filters import _shuffle as shuffle_samples
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
 from cf.video_io import decode_mp4, probe_mp4
 from data.clips import TeacherClipMix, cover_scale, resample_indices, resize_cover_crop
+from data.remote import ShardRetry, open_shards
 
 __all__ = [
     "SKIP_REASONS",
@@ -127,6 +128,7 @@ class StreamConfig:
     split_by_worker: bool = True
     seed: int = 0
     teacher_clips: TeacherClipMix | None = None
+    shard_retry: ShardRetry = ShardRetry()
 
 
 def _stream_seed(*parts: Any) -> str:
@@ -382,7 +384,8 @@ class ShardStream(_EpochAware, IterableDataset):
         rank, world, worker, num_workers = pytorch_worker_info()
         counter = SkipCounter()
         shards = self._shard_urls(epoch, rank, world, worker, num_workers)
-        samples = tarfile_samples(shards, handler=counter.handler)
+        streams = open_shards(shards, cfg.shard_retry, counter.handler)  # remote shards: bounded retries
+        samples = group_by_keys(tar_file_expander(streams, handler=counter.handler), handler=counter.handler)
         if cfg.shuffle_buffer > 1:
             rng = random.Random(_stream_seed(cfg.seed, "samples", epoch, rank, worker))
             samples = shuffle_samples(samples, cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=rng)
