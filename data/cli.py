@@ -1,5 +1,5 @@
-"""``cf data shards|synth|encode|ode-pairs``: write video shards, the synthetic dataset, latent shards, and the teacher's
-ODE trajectories."""
+"""``cf data shards|synth|encode|ode-pairs``: write video shards, the synthetic dataset, latent shards, and the
+teacher's ODE trajectories."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def pixel_batch(num_frames: int = 157, batch: int = 1, seed: int = 0) -> dict[st
 
 def reset_state(module: TeacherERFT, banks: dict, generator: Tensor) -> None:
     module.banks.load_state_dict(copy.deepcopy(banks))
-    module.generator().set_state(generator.clone())
+    module.random_stream().set_state(generator.clone())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_one_timestep_for_all_frames_and_target_only_loss() -> None:
     layout, text = module.teacher_inputs(pixel_batch(batch=2))
     for _ in range(3):  # fill the banks so that every error kind is injected
         module.erft_step(layout, text)
-    banks, generator = copy.deepcopy(module.banks.state_dict()), module.generator().get_state()
+    banks, generator = copy.deepcopy(module.banks.state_dict()), module.random_stream().get_state()
 
     seen: list[tuple[Tensor, Tensor]] = []
     handle = module.network.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1])))
@@ -319,7 +319,7 @@ def test_error_banks_are_checkpointed_per_rank(monkeypatch: pytest.MonkeyPatch) 
         layout, text = module.teacher_inputs(pixel_batch(seed=rank))
         for _ in range(rank + 2):
             module.erft_step(layout, text)
-        states.append({"banks": module.banks.state_dict(), "generator": module.generator().get_state()})
+        states.append({"banks": module.banks.state_dict(), "generator": module.random_stream().get_state()})
 
     def fake_gather_object(obj: Any, out: list | None, dst: int, group: Any) -> None:
         assert dst == 0 and out is not None and len(out) == 2
@@ -342,7 +342,7 @@ def test_error_banks_are_checkpointed_per_rank(monkeypatch: pytest.MonkeyPatch) 
         source = states[rank % 2]
         assert len(fresh.banks.noise) == sum(len(b) for b in source["banks"]["noise"]["entries"])
         assert fresh.banks.noise.steps_seen == source["banks"]["noise"]["steps_seen"]
-        assert torch.equal(fresh.generator().get_state(), source["generator"])
+        assert torch.equal(fresh.random_stream().get_state(), source["generator"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_toy_run_loss_falls_and_resume_is_identical(synthetic_shards: dict[str, 
         assert a["steps_seen"] == b["steps_seen"] == 3 * epochs
         assert a["entry_ids"] == b["entry_ids"] and torch.equal(a["generator_state"], b["generator_state"])
         assert all(torch.equal(x, y) for bx, by in zip(a["entries"], b["entries"]) for x, y in zip(bx, by))
-    assert torch.equal(straight.generator().get_state(), resumed.generator().get_state())
+    assert torch.equal(straight.random_stream().get_state(), resumed.random_stream().get_state())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ class RankStateDump(pl.Callback):
         self.out_dir = out_dir
 
     def _dump(self, trainer: pl.Trainer, module: TeacherERFT, when: str) -> None:
-        state = {"banks": module.banks.state_dict(), "generator": module.generator().get_state()}
+        state = {"banks": module.banks.state_dict(), "generator": module.random_stream().get_state()}
         torch.save(state, Path(self.out_dir) / f"{when}_rank{trainer.global_rank}.pt")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: TeacherERFT) -> None:

@@ -60,7 +60,7 @@ class TeacherRecorder(Recorder):
             "network": gathered_state(pl_module.network),
             "optimizer": zero_optimizer_snapshot(trainer.strategy.deepspeed_engine),
             "banks": pl_module.banks.state_dict(),
-            "generator": pl_module.generator().get_state(),
+            "generator": pl_module.random_stream().get_state(),
         }
 
 

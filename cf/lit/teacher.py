@@ -5,7 +5,7 @@ One step: a clip becomes a teacher layout (``[sink | sparse | motion | target]``
 target]``; contiguous positions, §D.3); one grid timestep is drawn for the whole sequence (§E.1); recycled errors
 perturb the target noise, the target latent and the context (§E.3); the DiT sees ``[context | x_t]`` and the
 flow-matching loss, weighted by w(t), looks at the target frames only; the prediction's residuals go back into the
-error banks on every rank. The banks and the module's random generator are part of the checkpoint, so a resumed
+error banks on every rank. The banks and the module's random stream are part of the checkpoint, so a resumed
 run continues exactly.
 
 Maths lives in `cf.erft`, `cf.error_bank`, `cf.teacher_layout`, `cf.diffusion` and `cf.losses`; the teacher's sampler
@@ -68,7 +68,8 @@ class ERFTConfig:
     buckets of ``capacity`` entries each, replacement ``policy``, total caps ``max_total_entries`` /
     ``max_total_bytes`` per bank (§I.23), all-gather warm-up of ``warmup_steps`` during which clean-step errors are
     kept with ``clean_insert_prob``; entries stored as ``storage_dtype`` in RAM (``storage="memory"``) or in one
-    memory-mapped file per bank and rank under ``storage_dir`` on local disk (``storage="disk"``, `cf.error_bank.ErrorBank`).
+    memory-mapped file per bank and rank under ``storage_dir`` on local disk (``storage="disk"``,
+    `cf.error_bank.ErrorBank`).
     """
 
     noise_prob: float = 0.01
@@ -167,7 +168,7 @@ class TeacherERFT(pl.LightningModule):
         caption_dropout: probability that a training sample's caption is replaced by the sampler's negative prompt,
             which trains the unconditional branch that classifier-free guidance uses (0: never).
         lr, betas, weight_decay: AdamW (§E.4). Clip gradients with the Trainer's ``gradient_clip_val``.
-        seed: seed of the module's generator (timesteps, noise, injection draws; rank r uses seed + r).
+        seed: seed of the module's `random_stream` (timesteps, noise, injection draws; rank r uses seed + r).
         val_timesteps: timesteps of the held-out flow loss (fixed noise per batch).
         val_sample_batches: validation batches per epoch continued with the sampler; the decoded videos (truth |
             teacher) go to ``videos_to_log`` for ``callbacks.video_logger.VideoLogger``.
@@ -233,7 +234,7 @@ class TeacherERFT(pl.LightningModule):
         self.encoders = FrozenEncoders(autoencoder, text_encoder, encoder_dtype, autoencoder_args, text_encoder_args,
                                        in_dim=self.network_config.in_dim, text_dim=self.network_config.text_dim)
         self.__dict__["_object_group"] = None
-        self._generator: torch.Generator | None = None
+        self._random_stream: torch.Generator | None = None
         self.videos_to_log: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ building
@@ -284,11 +285,12 @@ class TeacherERFT(pl.LightningModule):
         """The frozen text encoder, on this module's device."""
         return self.encoders.get("text_encoder", self.device, "embed captions")
 
-    def generator(self) -> torch.Generator:
-        """The module's CPU generator (seed + global rank); its state is checkpointed."""
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(int(self.hparams.seed) + self.global_rank)
-        return self._generator
+    def random_stream(self) -> torch.Generator:
+        """The module's CPU random generator (seed + global rank) for timesteps, noise, injection draws and caption
+        dropout; its state is checkpointed."""
+        if self._random_stream is None:
+            self._random_stream = torch.Generator().manual_seed(int(self.hparams.seed) + self.global_rank)
+        return self._random_stream
 
     def _require_network(self) -> WanDiT:
         if self.network is None:
@@ -364,11 +366,11 @@ class TeacherERFT(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ training
     def drop_captions(self, text: Tensor) -> Tensor:
         """``text`` ``[B, L, D]`` with each row replaced by the negative prompt's embedding with probability
-        ``caption_dropout`` (drawn from the module's generator; no draw at all when it is 0)."""
+        ``caption_dropout`` (drawn from `random_stream`; no draw at all when it is 0)."""
         p = float(self.hparams.caption_dropout)
         if p == 0.0:
             return text
-        dropped = (torch.rand(text.shape[0], generator=self.generator()) < p).to(text.device)
+        dropped = (torch.rand(text.shape[0], generator=self.random_stream()) < p).to(text.device)
         negative = self.negative_embeddings(text.shape[0], text)
         return torch.where(dropped[:, None, None], negative, text)
 
@@ -376,7 +378,7 @@ class TeacherERFT(pl.LightningModule):
         """One ERFT step on a layout (§E.3): draw t and noise, inject, predict, weighted flow loss on the target,
         harvest the residuals into the banks (``harvest``; a collective during the bank warm-up)."""
         network = self._require_network()
-        generator = self.generator()
+        generator = self.random_stream()
         target = layout.target.float()
         batch = target.shape[0]
         t = sample_grid_timesteps(batch, self.hparams.shift, generator=generator).to(self.device)
@@ -505,9 +507,9 @@ class TeacherERFT(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the error banks and the generator of every rank (keyed by rank, gathered on rank 0, which writes
+        """Store the error banks and the random stream of every rank (keyed by rank, gathered on rank 0, which writes
         the checkpoint) and the export metadata."""
-        state = {"banks": self.banks.state_dict(), "generator": self.generator().get_state()}
+        state = {"banks": self.banks.state_dict(), "generator": self.random_stream().get_state()}
         rank, world = rank_and_world()
         if world > 1:
             gathered: list[Any] | None = [None] * world if rank == 0 else None
@@ -525,7 +527,7 @@ class TeacherERFT(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore this rank's error banks and generator (rank r of a run with another world size gets the state
+        """Restore this rank's error banks and random stream (rank r of a run with another world size gets the state
         of rank r mod saved world size)."""
         saved = checkpoint.get(ERFT_STATE_KEY)
         if saved is None:
@@ -540,7 +542,7 @@ class TeacherERFT(pl.LightningModule):
         # file, which holds only its own state
         state = ranks[rank % int(saved["world_size"])]
         self.banks.load_state_dict(state["banks"])
-        self.generator().set_state(state["generator"])
+        self.random_stream().set_state(state["generator"])
 
     # Spawned worker processes get pickled copies. torch.Generator objects do not survive that trip, and tensors
     # made while pickling would be freed before the workers map them: send generator states as bytes.
@@ -548,21 +550,22 @@ class TeacherERFT(pl.LightningModule):
         state = super().__getstate__()
         state["banks"] = {name: dict(bank, generator_state=_state_bytes(bank["generator_state"]))
                           for name, bank in self.banks.state_dict().items()}
-        state["_generator"] = None if self._generator is None else _state_bytes(self._generator.get_state())
+        stream = self._random_stream
+        state["_random_stream"] = None if stream is None else _state_bytes(stream.get_state())
         state["_object_group"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        banks_state, generator_state = state.pop("banks"), state.pop("_generator")
+        banks_state, generator_state = state.pop("banks"), state.pop("_random_stream")
         super().__setstate__(state)
         self.banks = self.erft_config.banks(self.hparams.shift, self.hparams.seed)
         self.banks.load_state_dict({name: dict(bank, generator_state=_state_tensor(bank["generator_state"]))
                                     for name, bank in banks_state.items()})
-        self._generator = None
+        self._random_stream = None
         if generator_state is not None:
-            self._generator = torch.Generator()
-            self._generator.set_state(_state_tensor(generator_state))
+            self._random_stream = torch.Generator()
+            self._random_stream.set_state(_state_tensor(generator_state))
 
     # ------------------------------------------------------------------------------------------------ export
     def merged_state_dict(self) -> dict[str, Tensor]:
