@@ -52,6 +52,7 @@ from cf.generate import latent_frames_for
 from cf.memory import MemoryConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import encode_mp4, to_uint8_frames
+from cf.zero import is_zero_partitioned
 
 __all__ = ["LongVideoEval", "PeriodicGeneration", "StudentGeneration", "default_timestamps", "find_started_ema",
            "generation_mode", "log_scalars", "plot_metrics_vs_time", "read_prompt_list", "resolve_memory"]
@@ -467,7 +468,7 @@ class LongVideoEval(PeriodicGeneration):
         rank, world = trainer.global_rank, trainer.world_size
         items = self.items()
         mine = [(prompt, seed, True) for prompt, seed in items[rank::world]]
-        partitioned = any(hasattr(p, "ds_id") for p in setup.generator.parameters())
+        partitioned = is_zero_partitioned(setup.generator.parameters())
         share = math.ceil(len(items) / world)
         if partitioned and len(mine) < share:  # ZeRO-3 forwards are collective: same number of rollouts everywhere
             mine += [(items[0][0], items[0][1], False)] * (share - len(mine))

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from cf.zero import rank_and_world
 
 __all__ = ["DiskEntryStore", "RamEntryStore", "entry_checksum", "state_entries"]
 
@@ -177,7 +178,7 @@ class DiskEntryStore:
             return self._path
         rank = self._rank
         if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            rank = rank_and_world()[0]
         return (self.directory / f"{self.name}-rank{rank}.bank").absolute()
 
     @property

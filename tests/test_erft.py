@@ -533,6 +533,7 @@ def test_disk_bank_files_are_per_rank_reserved_and_locked(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 6)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
     assert disk_bank(tmp_path).path == (tmp_path / "bank-rank6.bank").absolute()  # the global rank by default
 
 
