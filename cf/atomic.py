@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "remove_stale_temporaries", "temporary_name"]
+__all__ = ["atomic_path", "atomic_write_text", "commit_temporary", "discard_temporary", "remove_stale_temporaries",
+           "temporary_name"]
 
 _MARK = ".tmp-"
 
@@ -97,17 +98,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temp = temporary_name(path)
     try:
         yield temp
-        if not temp.is_file():
-            raise FileNotFoundError(f"nothing was written to the temporary file {temp} for {path}")
-        _fsync(temp)
-        os.replace(temp, path)
+        commit_temporary(temp, path)
     except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
+        discard_temporary(temp)
         raise
+
+
+def commit_temporary(temp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Flush the complete file ``temp`` to disk and rename it over ``path`` (same folder). Returns ``path``."""
+    temp, path = Path(temp), Path(path)
+    if not temp.is_file():
+        raise FileNotFoundError(f"nothing was written to the temporary file {temp} for {path}")
+    _fsync(temp)
+    os.replace(temp, path)
     _fsync(path.parent, directory=True)
+    return path
+
+
+def discard_temporary(temp: str | os.PathLike) -> None:
+    """Remove ``temp`` if it exists."""
+    try:
+        Path(temp).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -145,7 +145,7 @@ def _generate(weights: Path, prompts: list[str], folder: Path, cfg: DemoConfig, 
     for seed in range(cfg.seeds):
         names = [f"p{i:02d}_s{seed}_{slug(p, 30)}" for i, p in enumerate(prompts)]
         generate_videos(spec, model, prompts, folder, seconds=cfg.seconds, seed=seed, memory=memory,
-                        batch_size=len(prompts), names=names)
+                        batch_size=len(prompts), names=names, overwrite=True)
     log.append({"stage": f"generate {folder.name}", "seconds": round(time.perf_counter() - start, 1),
                 "command": f"cf generate --weights {weights} --memory {memory} --seconds {cfg.seconds:g}"})
 

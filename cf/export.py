@@ -65,13 +65,29 @@ class GeneratorSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "GeneratorSpec":
+        """Read a generator ``config.json``; a teacher's config (a bare `WanConfig`) or a file that is not a
+        generator spec is refused with a ValueError that says so."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
                 f"generator config {path} not found: pass --config, or place the config.json written by the "
                 "student's export next to the weights"
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"generator config {path} is not valid JSON ({err})") from err
+        fields = set(cls.__dataclass_fields__) | {"keyframes"}
+        if isinstance(raw, dict) and "wan_config" not in raw and {"dim", "num_layers", "num_heads"} <= set(raw):
+            raise ValueError(
+                f"{path} is a teacher's config.json (a bare WanConfig, as `cf convert teacher` writes), not a "
+                "generator spec; cf generate runs a student: pass the student's export (generator.safetensors with "
+                "its config.json) or a student .ckpt"
+            )
+        if not isinstance(raw, dict) or not fields & set(raw):
+            raise ValueError(f"{path} is not a generator config (none of the fields {sorted(fields)}); pass the "
+                             "config.json written by the student's export")
+        return cls.from_dict(raw)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2))

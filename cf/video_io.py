@@ -17,6 +17,8 @@ import av
 import numpy as np
 import torch
 
+from cf.atomic import commit_temporary, discard_temporary, remove_stale_temporaries, temporary_name
+
 __all__ = [
     "VideoInfo",
     "Mp4Writer",
@@ -103,6 +105,10 @@ class Mp4Writer:
                 writer.write(chunk)
 
     The frame size is fixed by the first chunk (odd sizes padded to even, see the module docstring).
+    A file path is written through a hidden temporary file beside it (`cf.atomic`), renamed to ``path`` by
+    `close` once the mp4 is complete: the path never holds an unfinished video. `abort` (or leaving the ``with``
+    block by an exception) removes the temporary file; `close` after an interruption keeps the frames written so
+    far as a playable mp4.
     ``crf`` is x264's constant rate factor (0 = lossless luma, 18 = visually lossless, 23 = x264 default).
     ``lossless=True`` stores the RGB frames exactly instead (every frame a PNG image in the mp4; ``crf`` and
     ``preset`` are ignored): the same frames always give the same bytes, and decoding is exact and several times
@@ -127,6 +133,7 @@ class Mp4Writer:
         self._stream = None
         self._size: tuple[int, int] | None = None
         self._closed = False
+        self._temp: str | None = None  # the file being written when `path` is a file path
 
     def _open(self, height: int, width: int) -> None:
         target = self.path if not isinstance(self.path, os.PathLike) else os.fspath(self.path)
@@ -134,6 +141,8 @@ class Mp4Writer:
             parent = os.path.dirname(os.path.abspath(target))
             if not os.path.isdir(parent):
                 raise FileNotFoundError(f"cannot write {target}: folder {parent} does not exist")
+            remove_stale_temporaries(parent)
+            target = self._temp = os.fspath(temporary_name(target))
         self._container = av.open(target, mode="w", format="mp4")
         if self.lossless:
             stream = self._container.add_stream("png", rate=self.fps)
@@ -164,14 +173,34 @@ class Mp4Writer:
         self.frames_written += len(frames)
 
     def close(self) -> None:
-        """Flush the encoder and finish the file. Writing no frames at all is an error."""
+        """Flush the encoder and finish the file (renamed to ``path`` when it is a file path). Writing no frames at
+        all is an error."""
         if self._closed:
             return
         self._closed = True
         if self._container is None:
             raise ValueError(f"no frames were written to {self.path!r}; an mp4 needs at least one frame")
-        self._container.mux(self._stream.encode())
-        self._container.close()
+        try:
+            self._container.mux(self._stream.encode())
+            self._container.close()
+        except BaseException:
+            if self._temp is not None:
+                discard_temporary(self._temp)
+            raise
+        if self._temp is not None:
+            commit_temporary(self._temp, self.path)
+
+    def abort(self) -> None:
+        """Stop without keeping anything: close the container and remove the temporary file."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._container is not None:
+                self._container.close()
+        finally:
+            if self._temp is not None:
+                discard_temporary(self._temp)
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -179,9 +208,8 @@ class Mp4Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._container is not None:
-            self._closed = True
-            self._container.close()
+        else:
+            self.abort()
 
 
 def encode_mp4(frames_uint8: np.ndarray | torch.Tensor, fps: float | Fraction = 16, crf: int = 18,

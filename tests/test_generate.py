@@ -1,12 +1,26 @@
-"""`cf generate`: streaming generation into mp4 files through the CLI."""
+"""`cf generate`: streaming generation into mp4 files through the CLI; interruption keeps a playable mp4, names
+never overwrite, bad arguments fail with one line."""
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
 import torch
 
 from cf.cli import main
-from cf.generate import GeneratorSpec, latent_frames_for, load_generator
-from cf.models.wan import CausalWanDiT, WanConfig
-from cf.video_io import probe_mp4
+from cf.generate import GeneratorSpec, generate_videos, latent_frames_for, load_generator
+from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
+from cf.video_io import decode_mp4, probe_mp4
 from cf.weights import save_wan_weights
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_latent_frame_arithmetic():
@@ -52,3 +66,93 @@ def test_spec_reads_the_keyframe_rule_of_older_exports_into_the_memory():
     assert (config.keyframes, config.threshold, config.keyframe_interval_frames) == ("uniform", 0.9, 3)
     assert GeneratorSpec.from_dict(old).memory_config(keyframes="never").keyframes == "never"
     assert GeneratorSpec.from_dict(old).memory_config("sliding").slow == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interruption, names, argument errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_generate_leaves_a_playable_mp4_of_the_chunks_done(tmp_path, signum):
+    out = tmp_path / "videos"
+    command = [sys.executable, "-m", "cf", "generate", "--prompt", "a red circle", "--seconds", "600",
+               "--out", str(out), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".000_a_red_circle.mp4.tmp-") and p.stat().st_size > 0
+                  for p in (out.iterdir() if out.exists() else [])):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    name = signal.Signals(signum).name
+    total = latent_frames_for(600, 16, 3) // 3
+    found = re.search(rf"cf generate: interrupted by {name} after (\d+) of {total} chunks: kept 1 playable video\(s\) "
+                      rf"of ([\d.]+) s \(of 600 s asked\): \S+000_a_red_circle\.mp4", stderr)
+    assert found, stderr
+    chunks, seconds = int(found.group(1)), float(found.group(2))
+    assert 1 <= chunks < total
+    frames, fps = decode_mp4(out / "000_a_red_circle.mp4")  # the project's own decoder
+    assert len(frames) == 9 + 12 * (chunks - 1)  # first chunk: 1 + 4 * 2 pixel frames, then 4 * 3 per chunk
+    assert fps == 16 and abs(len(frames) / fps - seconds) < 0.01
+    assert (out / "000_a_red_circle.txt").read_text() == "a red circle\n"
+    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.mp4", "000_a_red_circle.txt"]
+
+
+def test_same_names_never_overwrite(tmp_path, capsys):
+    out = tmp_path / "videos"
+    main(["generate", "--prompt", "A red circle!", "--seconds", "0.5", "--out", str(out), "--device", "cpu"])
+    first = (out / "000_a_red_circle.mp4").read_bytes()
+    with pytest.raises(SystemExit, match=r"^cf generate: \S+000_a_red_circle\.mp4 already exists \(2 of the output "
+                                         r"files do\); pass --overwrite to replace them, or choose another --out"):
+        main(["generate", "--prompt", "a red circle?", "--seed", "1", "--seconds", "0.5", "--out", str(out),
+              "--device", "cpu"])
+    assert (out / "000_a_red_circle.mp4").read_bytes() == first
+    assert (out / "000_a_red_circle.txt").read_text() == "A red circle!\n"
+    main(["generate", "--prompt", "a red circle?", "--seed", "1", "--seconds", "0.5", "--out", str(out),
+          "--device", "cpu", "--overwrite"])
+    assert (out / "000_a_red_circle.txt").read_text() == "a red circle?\n"
+
+    spec = GeneratorSpec()
+    model = load_generator(spec, None)
+    paths = generate_videos(spec, model, ["one", "two", "three"], tmp_path / "named", seconds=0.5, progress=False,
+                            names=["same", "same", "same"])
+    assert [p.name for p in paths] == ["same.mp4", "same_2.mp4", "same_3.mp4"]
+    assert [(tmp_path / "named" / f"{n}.txt").read_text() for n in ("same", "same_2", "same_3")] == \
+        ["one\n", "two\n", "three\n"]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    save_wan_weights(WanDiT(WanConfig.tiny()), teacher / "teacher.safetensors")
+    (teacher / "config.json").write_text(json.dumps(asdict(WanConfig.tiny())))
+    return tmp_path
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--seconds", "0"], r"--seconds must be a positive, finite number of seconds, got 0\.0; e\.g\. --seconds 10"),
+    (["--seconds", "-1"], r"--seconds must be a positive, finite number of seconds, got -1\.0"),
+    (["--seconds", "nan"], r"--seconds must be a positive, finite number of seconds, got nan"),
+    (["--seconds", "inf"], r"--seconds must be a positive, finite number of seconds, got inf"),
+    (["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0; e\.g\. --batch-size 4"),
+    (["--weights", "{tmp}/missing/generator.safetensors"], r"--weights \S+generator\.safetensors: file not found; "
+                                                           r"pass the generator\.safetensors"),
+    (["--weights", "{tmp}/empty.ckpt"], r"--weights \S+empty\.ckpt is empty \(0 bytes\), a write that did not "
+                                        r"finish; pass an earlier checkpoint or export"),
+    (["--weights", "{tmp}/teacher/teacher.safetensors"], r"\S+config\.json is a teacher's config\.json \(a bare "
+                                                         r"WanConfig, as `cf convert teacher` writes\)"),
+])
+def test_bad_arguments_fail_with_one_line_naming_the_fix(bad_inputs, arguments, message):
+    out = bad_inputs / "videos"
+    argv = ["generate", "--prompt", "x", "--out", str(out), *[a.format(tmp=bad_inputs) for a in arguments]]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    text = str(stopped.value.code)
+    assert re.match(r"^cf generate: " + message, text) and "\n" not in text, text
+    assert not out.exists()

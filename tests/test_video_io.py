@@ -108,9 +108,26 @@ def test_writer_writes_to_disk_before_close(tmp_path):
     writer = Mp4Writer(path, fps=16, preset="ultrafast")
     for _ in range(4):
         writer.write(rng.integers(0, 256, size=(25, 96, 96, 3), dtype=np.uint8))
-    assert path.stat().st_size > 0  # packets were muxed as they came, not kept until the end
+    (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".long.mp4.tmp-")]
+    assert temp.stat().st_size > 0  # packets were muxed as they came, not kept until the end
+    assert not path.exists()  # the final name only ever holds a finished video
     writer.close()
     assert probe_mp4(str(path)).num_frames == 100
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_an_aborted_writer_leaves_nothing_and_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "clip.mp4"
+    frames = np.zeros((9, 16, 16, 3), np.uint8)
+    with Mp4Writer(path, fps=16) as writer:
+        writer.write(frames)
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with Mp4Writer(path, fps=16) as writer:
+            writer.write(frames + 100)
+            raise KeyboardInterrupt
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def test_decode_selected_indices_matches_full_decode():
