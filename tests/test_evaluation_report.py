@@ -136,3 +136,31 @@ def test_user_errors_are_explained(tmp_path):
         load_prompts(prompts)
     prompts.write_text("clip0\ta red square\n")
     assert load_prompts(prompts) == {"clip0": "a red square"}
+
+
+def test_unreadable_videos_are_skipped_counted_and_reported(folders, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("clip0", "clip1"):
+        for suffix in (".mp4", ".json", ".txt"):
+            (folder / f"{name}{suffix}").write_bytes((folders / "model_a" / f"{name}{suffix}").read_bytes())
+    whole = (folder / "clip0.mp4").read_bytes()
+    (folder / "clip2.mp4").write_bytes(whole[: len(whole) // 3])  # a write that stopped part way
+    (folder / "clip3.mp4").write_bytes(b"not an mp4 at all")
+    config = EvaluationConfig(timestamps=(1.0, 3.0))
+    report = evaluate_folders([folder], tmp_path / "out", config=config)
+    summary = report["models"]["mixed"]["summary"]
+    assert summary["num_videos"] == 2 and summary["num_unreadable"] == 2
+    assert sorted(summary["unreadable_videos"]) == ["clip2.mp4", "clip3.mp4"]
+    assert sorted(report["models"]["mixed"]["videos"]) == ["clip0", "clip1"]
+    assert any("2 of 4 videos are unreadable and were skipped: clip2.mp4" in note for note in report["notes"])
+    alone = evaluate_folders([folders / "model_a"], tmp_path / "alone", config=config)
+    assert summary["windowed"] == alone["models"]["model_a"]["summary"]["windowed"]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["models"]["mixed"]["summary"]["num_unreadable"] == 2
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.mp4").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"no readable video in .*broken: all 1 \*\.mp4 files failed to decode"):
+        evaluate_folders([broken], tmp_path / "out2", config=config)

@@ -212,8 +212,13 @@ def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[st
     flashback_count: dict[str, int] = {}
     total_seconds = 0.0
     missing_prompts = 0
+    unreadable: dict[str, str] = {}
     for path in tqdm(videos, desc=f"evaluate {label}", unit="video"):
-        frames, container_fps = read_video(path)
+        try:
+            frames, container_fps = read_video(path)
+        except Exception as err:  # PyAV raises many error types for broken files
+            unreadable[path.name] = f"{type(err).__name__}: {str(err)[:200]}"
+            continue
         fps = float(config.fps or container_fps)
         prompt_file = path.with_suffix(".txt")
         prompt = prompt_file.read_text(encoding="utf-8").strip() if prompt_file.is_file() else prompts.get(path.stem)
@@ -237,11 +242,20 @@ def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[st
             flashback_count[curve] = flashback_count.get(curve, 0) + len(found)
         total_seconds += result["scalars"]["duration_s"]
         per_video[path.stem] = result
+    if unreadable:
+        listed = "; ".join(f"{name} ({reason})" for name, reason in list(unreadable.items())[:5])
+        notes.append(f"{label}: {len(unreadable)} of {len(videos)} videos are unreadable and were skipped: {listed}"
+                     + (" ..." if len(unreadable) > 5 else ""))
+    if not per_video:
+        raise ValueError(f"no readable video in {folder}: all {len(videos)} *.mp4 files failed to decode (first: "
+                         f"{next(iter(unreadable.items()))}); regenerate them or point to another folder")
     if clip is not None and missing_prompts:
-        notes.append(f"{label}: {missing_prompts} of {len(videos)} videos have no prompt; CLIP-T skipped for them")
+        notes.append(f"{label}: {missing_prompts} of {len(per_video)} videos have no prompt; CLIP-T skipped for them")
     summary: dict[str, Any] = {
         "windowed": {name: metric.compute_dict() for name, metric in windowed_metrics.items()},
-        "num_videos": len(videos),
+        "num_videos": len(per_video),
+        "num_unreadable": len(unreadable),
+        "unreadable_videos": unreadable,
         "total_seconds": total_seconds,
         "flashbacks_per_minute": {k: 60.0 * v / total_seconds for k, v in flashback_count.items()},
         "flashback_count": flashback_count,
