@@ -32,7 +32,7 @@ from cf.export import GeneratorSpec, read_generator_weights
 from cf.models.wan import CausalWanDiT
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
-from cf.weights import load_into
+from cf.weights import NonFiniteWeightsError, check_finite_weights, load_into
 
 
 def latent_frames_for(seconds: float, fps: int, frames_per_chunk: int) -> int:
@@ -49,10 +49,13 @@ def slug(text: str, limit: int = 40) -> str:
 def load_generator(spec: GeneratorSpec, weights: str | Path | None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, use_ema: bool = True) -> CausalWanDiT:
     """The causal student with `weights` loaded strictly (`cf.export.read_generator_weights`: an export or a training
-    checkpoint, EMA weights first when ``use_ema``); random weights when None."""
+    checkpoint, EMA weights first when ``use_ema``); random weights when None. Weights holding NaN/inf are refused
+    (`cf.weights.NonFiniteWeightsError`)."""
     model = CausalWanDiT(spec.model_config(), frames_per_chunk=spec.frames_per_chunk)
     if weights is not None:
-        load_into(model, read_generator_weights(weights, use_ema), strict=True)
+        state = read_generator_weights(weights, use_ema)
+        check_finite_weights(state, weights, action="generate from")
+        load_into(model, state, strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -272,7 +275,10 @@ def run(args: argparse.Namespace) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cf generate: {err}") from None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = load_generator(spec, weights, args.device, dtype, use_ema=not args.no_ema)
+    try:
+        model = load_generator(spec, weights, args.device, dtype, use_ema=not args.no_ema)
+    except NonFiniteWeightsError as err:
+        raise SystemExit(f"cf generate: {err}") from None
     start = time.perf_counter()
     try:
         paths = generate_videos(spec, model, prompts, args.out, seconds=args.seconds, seed=args.seed,

@@ -176,9 +176,9 @@ class NonFiniteWeightsError(ValueError):
     """Weights about to be written hold NaN or inf values."""
 
 
-def check_finite_weights(state_dict: Mapping[str, Tensor], target: str | Path) -> None:
+def check_finite_weights(state_dict: Mapping[str, Tensor], target: str | Path, action: str = "write") -> None:
     """Raise `NonFiniteWeightsError` naming the first floating tensor of ``state_dict`` that holds NaN/inf (and how
-    many more do), with the fix; ``target`` is the file that was about to be written."""
+    many more do), with the fix; ``target`` is the file about to be written (or read: ``action``)."""
     bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in state_dict.items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if not bad:
@@ -187,7 +187,7 @@ def check_finite_weights(state_dict: Mapping[str, Tensor], target: str | Path) -
     numel = state_dict[name].numel()
     more = f" (and {len(bad) - 1} more of the {len(state_dict)} tensors)" if len(bad) > 1 else ""
     raise NonFiniteWeightsError(
-        f"refusing to write {target}: tensor {name!r} holds {count} NaN/inf values of {numel}{more}. The weights "
+        f"refusing to {action} {target}: tensor {name!r} holds {count} NaN/inf values of {numel}{more}. The weights "
         "diverged (or overflowed in a lower-precision cast): export an earlier checkpoint, one saved before the "
         "loss became NaN, or keep the stored dtype; the previous file, if any, is left as it was"
     )

@@ -156,3 +156,16 @@ def test_bad_arguments_fail_with_one_line_naming_the_fix(bad_inputs, arguments, 
     text = str(stopped.value.code)
     assert re.match(r"^cf generate: " + message, text) and "\n" not in text, text
     assert not out.exists()
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = CausalWanDiT(WanConfig.tiny(), frames_per_chunk=3)
+    state = {f"generator.{k}": v.clone() for k, v in model.state_dict().items()}
+    state["generator.blocks.0.ffn.0.weight"][0, 0] = float("nan")
+    torch.save({"state_dict": state, "callbacks": {}}, tmp_path / "last.ckpt")
+    GeneratorSpec().save(tmp_path / "config.json")
+    out = tmp_path / "videos"
+    with pytest.raises(SystemExit, match=r"^cf generate: refusing to generate from \S+last\.ckpt: tensor "
+                                         r"'blocks\.0\.ffn\.0\.weight' holds 1 NaN/inf values"):
+        main(["generate", "--weights", str(tmp_path / "last.ckpt"), "--prompt", "x", "--out", str(out)])
+    assert not out.exists()
