@@ -14,11 +14,13 @@ import yaml
 from torch.utils.data import DataLoader
 
 from callbacks.finite_guard import FiniteGuard, NonFiniteTrainingError
+from cf.lit.ode_init import ODEInitStudent
 from cf.lit.student import CDMDStudent
 from cf.lit.teacher import TeacherERFT
 from cf.memory import MemoryConfig
 from cf.models.wan import WanConfig
 from cf.rollout import RolloutConfig
+from helpers.student_args import student_args
 from data import VideoDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,10 +111,10 @@ def prompt_file(tmp_path_factory) -> str:
 
 
 def student(teacher_file: str) -> CDMDStudent:
-    module = CDMDStudent(network=TINY, teacher_weights=teacher_file, latent_size=(4, 4),
-                         text_encoder_args={"dim": 32, "max_length": 8}, memory=MemoryConfig(),
-                         critic_steps_per_generator_step=2, val_num_frames=6, generator_lr=1e-3, critic_lr=1e-3,
-                         rollout=RolloutConfig(min_blocks=2, max_blocks=2, grad_window_frames=3), target_window=6)
+    module = CDMDStudent(**student_args(
+        network=TINY, teacher_weights=teacher_file, latent_size=(4, 4), text_encoder_args={"dim": 32, "max_length": 8},
+        memory=MemoryConfig(), critic_steps_per_generator_step=2, val_num_frames=6, generator_lr=1e-3, critic_lr=1e-3,
+        rollout=RolloutConfig(min_blocks=2, max_blocks=2, grad_window_frames=3), target_window=6))
     module.configure_model()
     return module
 
@@ -194,3 +196,20 @@ def test_every_training_config_has_the_guard() -> None:
     for path in full:
         callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
         assert "callbacks.finite_guard.FiniteGuard" in [c["class_path"] for c in callbacks], path
+
+
+class PoisonedODEInit(ODEInitStudent):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + float("inf") if self.global_step + 1 == 2 else loss
+
+
+def test_ode_init_student_stops_naming_the_generator(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    pairs = [{"ode": torch.randn(1, 5, 4, 6, 4, 4, generator=g), "text": torch.randn(1, 8, 32, generator=g)}
+             for _ in range(4)]
+    torch.manual_seed(0)
+    module = PoisonedODEInit(network=TINY, lr=1e-3)
+    with pytest.raises(NonFiniteTrainingError, match=r"the loss of the generator is inf at training step 2"):
+        guarded_trainer(tmp_path, max_steps=4).fit(module, train_dataloaders=DataLoader(pairs, batch_size=None))
+    assert_last_is_step(tmp_path, 1, module)
