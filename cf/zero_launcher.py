@@ -8,20 +8,18 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 
 from cf.zero import gathered_parameters
-
-if TYPE_CHECKING:
-    from cf.strategies import DeepSpeedStrategy
 
 __all__ = ["ZeroSpawnLauncher", "resolve_start_method"]
 
@@ -46,7 +44,7 @@ class ZeroSpawnLauncher(_MultiProcessingLauncher):
 
     def __init__(
         self,
-        strategy: "DeepSpeedStrategy",
+        strategy: ParallelStrategy,
         start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
         timeout: Optional[float] = None,
     ) -> None:

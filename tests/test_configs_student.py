@@ -90,11 +90,11 @@ def test_toy_configs_run_stage0_to_stage2(toy_env):
     stage2 = cli(["fit", "--config", "configs/toy/student_stage2.yaml", *SHRINK,
                   "--model.init_args.rollout.min_blocks=4", "--model.init_args.rollout.max_blocks=5",
                   "--model.init_args.rollout.decay_steps=2", "--model.init_args.rollout.grad_window_frames=6",
-                  "--model.init_args.context_window=6", "--model.init_args.target_window=6",
+                  "--model.init_args.window.context_frames=6", "--model.init_args.window.target_frames=6",
                   "--model.init_args.val_num_frames=6"], run=True)
     model = stage2.model
     stage1_weights = read_state_dict(toy_env["CF_STUDENT_STAGE1"])
-    assert model.hparams.context_teacher and model.hparams.context_fake and model.hparams.guidance_scale == 5.0
+    assert model.window.context_teacher and model.window.context_fake and model.scores.guidance_scale == 5.0
     metrics = stage2.trainer.logged_metrics
     assert math.isfinite(float(metrics["train/generator_loss"])) and math.isfinite(float(metrics["train/critic_loss"]))
     assert 12 <= float(metrics["train/critic_rollout_frames"]) <= 15
@@ -121,10 +121,10 @@ def test_toy_configs_instantiate_with_their_own_sizes(toy_env, name):
     assert model.memory_config.rope_length == 21
     rollout = model.rollout_config
     if name == "student_stage1":
-        assert (rollout.min_blocks, rollout.max_blocks, model.hparams.context_window) == (7, 7, 0)
+        assert (rollout.min_blocks, rollout.max_blocks, model.window.context_frames) == (7, 7, 0)
     else:
         assert (rollout.min_blocks * 3, rollout.max_blocks * 3) == (42, 51)
-        assert (model.hparams.context_window, model.hparams.target_window) == (21, 21)
+        assert (model.window.context_frames, model.window.target_frames) == (21, 21)
     model.configure_model()  # builds and loads the networks at the toy size
     assert model.generator.config == TOY_NETWORK
 
@@ -180,11 +180,12 @@ def test_wan_configs_instantiate_with_the_paper_values(wan_env, stage):
     loaded = cli([f"--config=configs/wan1.3b/student_stage{stage}.yaml", "--trainer.accelerator=cpu",
                   "--trainer.devices=1"], run=False)
     hp = loaded.model.hparams
+    opt, scores, window = loaded.model.optimization, loaded.model.scores, loaded.model.window
     assert loaded.model.network_config == WanConfig.wan2_1_1_3b()
-    assert (hp.generator_lr, tuple(hp.generator_betas), hp.critic_lr, tuple(hp.critic_betas), hp.weight_decay) == \
+    assert (opt.generator_lr, opt.generator_betas, opt.critic_lr, opt.critic_betas, opt.weight_decay) == \
         (2e-6, (0.9, 0.999), 4e-7, (0.5, 0.95), 0.01)
-    assert (hp.critic_steps_per_generator_step, hp.gradient_accumulation) == (5, 8)
-    assert (hp.generator_grad_clip, hp.critic_grad_clip, hp.teacher_dtype) == (2.0, 2.0, "bfloat16")
+    assert (opt.critic_steps_per_generator_step, opt.gradient_accumulation) == (5, 8)
+    assert (opt.generator_grad_clip, opt.critic_grad_clip, hp.teacher_dtype) == (2.0, 2.0, "bfloat16")
     assert hp.gradient_checkpointing and hp.latent_size == [60, 104]
     rollout = loaded.model.rollout_config
     assert rollout.sampling.timesteps().tolist() == pytest.approx([1000.0, 937.5, 833.33, 625.0], abs=0.01)
@@ -197,11 +198,12 @@ def test_wan_configs_instantiate_with_the_paper_values(wan_env, stage):
     ema = [c for c in loaded.trainer.callbacks if type(c).__name__ == "EMA"][0]
     assert (ema.decay, ema.start_step) == (0.99, 200)
     if stage == 1:
-        assert (rollout.min_blocks, rollout.max_blocks, hp.guidance_scale) == (7, 7, 3.0)
-        assert not (hp.context_teacher or hp.context_fake or hp.critic_time_weighting)
+        assert (rollout.min_blocks, rollout.max_blocks, scores.guidance_scale) == (7, 7, 3.0)
+        assert not (window.context_teacher or window.context_fake or scores.critic_time_weighting)
         assert loaded.trainer.max_steps == 600
     else:
-        assert (rollout.min_blocks, rollout.max_blocks, rollout.decay_steps, hp.guidance_scale) == (28, 35, 600, 5.0)
-        assert hp.context_teacher and hp.context_fake and hp.critic_time_weighting
-        assert (hp.context_window, hp.target_window) == (21, 21)
+        assert (rollout.min_blocks, rollout.max_blocks, rollout.decay_steps, scores.guidance_scale) == \
+            (28, 35, 600, 5.0)
+        assert window.context_teacher and window.context_fake and scores.critic_time_weighting
+        assert (window.context_frames, window.target_frames) == (21, 21)
         assert loaded.trainer.max_steps == 500

@@ -4,6 +4,7 @@ teacher to score; the toy one trains a couple of steps through `cf fit` and expo
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def trained_teacher_inputs(cli: LightningCLI) -> set[tuple]:
 
 def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple:
     """What the stage's YAML asks the teacher (real score) to score: the window `teacher_window` cuts from its longest
-    rollout, with the context only when ``context_teacher`` is on; the sequence is ``[context | target]``."""
+    rollout, with the context only when ``window.context_teacher`` is on; the sequence is ``[context | target]``."""
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("sys.argv", ["cf"])
     for name in ("CF_TEACHER", "CF_STUDENT_INIT", "CF_STUDENT_STAGE1", "CF_PROMPTS", "CF_VAL_PROMPTS"):
@@ -154,13 +155,14 @@ def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: 
     (tmp_path / "wan").mkdir(exist_ok=True)
     monkeypatch.setenv("CF_WAN", str(tmp_path / "wan"))
     monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
-    hp = parse(STUDENT_WAN[stage], "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-               "--trainer.strategy", "auto").model.hparams
-    assert hp.teacher_context == "contiguous", "only the contiguous teacher context maps to the dense layout"
+    model = parse(STUDENT_WAN[stage], "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                  "--trainer.strategy", "auto").model
+    hp, window = model.hparams, model.window
+    assert window.source == "contiguous", "only the contiguous teacher context maps to the dense layout"
     rollout = hp.rollout
     frames = torch.zeros(1, 16, rollout["max_blocks"] * hp.frames_per_chunk, 1, 1)
-    context, target = teacher_window(frames, hp.context_window, hp.target_window)
-    num_context = context.shape[2] if (context is not None and hp.context_teacher) else 0
+    context, target = teacher_window(frames, window.context_frames, window.target_frames)
+    num_context = context.shape[2] if (context is not None and window.context_teacher) else 0
     length = num_context + target.shape[2]
     return "dense", length, (0, length - 1), num_context
 
@@ -242,7 +244,7 @@ def test_toy_config_fits_validates_and_exports(monkeypatch: pytest.MonkeyPatch, 
 
     out = tmp_path / "export" / "teacher.safetensors"
     cf_main(["convert", "teacher", str(ckpt), str(out)])
-    config: dict[str, Any] = yaml.safe_load((out.parent / "config.json").read_text())
+    config: dict[str, Any] = json.loads((out.parent / "config.json").read_text())
     dit = WanDiT(WanConfig(**config))
     dit.load_state_dict(load_file(out), strict=True)
     trained = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()}

@@ -22,10 +22,10 @@ from callbacks import EMA, LongVideoEval, StreamThroughputMonitor  # noqa: E402
 from callbacks.long_video_eval import StudentGeneration, default_timestamps  # noqa: E402
 from cf.lit.student import CDMDStudent  # noqa: E402
 from cf.memory import MemoryConfig  # noqa: E402
-from cf.models.wan import CausalWanDiT, WanConfig, WanDiT  # noqa: E402
+from cf.models.wan import CausalWanDiT, WanConfig  # noqa: E402
 from cf.rollout import RolloutConfig, SamplingConfig, stream  # noqa: E402
-from cf.weights import save_wan_weights  # noqa: E402
 from data import VideoDataModule  # noqa: E402
+from helpers.student_args import student_args  # noqa: E402
 from test_evaluation_features import build_tiny_clip, build_tiny_dino  # noqa: E402
 
 TINY = WanConfig.tiny()
@@ -58,7 +58,7 @@ def make_student(teacher_file: str, **overrides) -> CDMDStudent:
                 rollout=RolloutConfig(min_blocks=2, max_blocks=2, grad_window_frames=3), target_window=6,
                 critic_steps_per_generator_step=2, val_num_frames=6, generator_lr=1e-2, critic_lr=1e-3, fps=FPS)
     args.update(overrides)
-    return CDMDStudent(**args)
+    return CDMDStudent(**student_args(**args))
 
 
 def fit(module: CDMDStudent, prompt_file: str, root, steps: int, callbacks, logger=False) -> pl.Trainer:

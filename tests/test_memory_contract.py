@@ -307,7 +307,8 @@ def test_ablation_configs_compose_with_both_stage2_configs():
             memory = MemoryConfig(**args["memory"])
             reference = MemoryConfig(**OmegaConf.to_container(base.model.init_args.memory))
             if name == "no_contextual_dmd":
-                assert memory == reference and not args["context_teacher"] and args["context_window"] == 0
+                window = args["window"]
+                assert memory == reference and not window["context_teacher"] and window["context_frames"] == 0
             elif name == "no_bounded_pe":
                 assert memory.position_mode == "absolute" and memory.slow == reference.slow > 0
             else:

@@ -18,10 +18,11 @@ from cf.generate import GeneratorSpec, load_generator
 from cf.export import read_generator_weights
 from cf.lit.student import NEGATIVE_PROMPT, CDMDStudent
 from cf.losses import predict_x0
+from helpers.student_args import student_args
 from cf.memory import MemoryConfig
-from cf.models.wan import WanConfig, WanDiT
+from cf.models.wan import WanConfig
 from cf.rollout import RolloutConfig
-from cf.weights import read_state_dict, save_wan_weights
+from cf.weights import read_state_dict
 from data import VideoDataModule
 
 TINY = WanConfig.tiny()
@@ -51,7 +52,7 @@ def make_student(teacher_file: str, stage: int = 1, build: bool = True, **overri
                     target_window=6, context_teacher=True, context_fake=True, reencode_image_latent=True,
                     guidance_scale=5.0, critic_time_weighting=True)
     args.update(overrides)
-    module = CDMDStudent(**args)
+    module = CDMDStudent(**student_args(**args))
     if build:
         module.configure_model()
     return module
@@ -386,7 +387,7 @@ def test_deepspeed_engines_accumulate_like_the_plain_loop(teacher_file, prompt_f
         ({"text_encoder": "no/such/folder"}, ValueError, "text_encoder"),
         ({"memory": MemoryConfig(frames_per_chunk=1, fast=2, slow=2, rope_length=21)}, ValueError,
          "frames_per_chunk"),
-        ({"teacher_context": "memory"}, ValueError, "set context_window to that"),
+        ({"teacher_context": "memory"}, ValueError, "set window.context_frames to that"),
     ],
 )
 def test_bad_configurations_fail_before_training(teacher_file, overrides, error, match):
@@ -395,7 +396,7 @@ def test_bad_configurations_fail_before_training(teacher_file, overrides, error,
                 val_num_frames=6)
     args.update(overrides)
     with pytest.raises(error, match=match):
-        CDMDStudent(**args)
+        CDMDStudent(**student_args(**args))
 
 
 def test_memory_teacher_context_is_the_students_memory_at_the_target(teacher_file):

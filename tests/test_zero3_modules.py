@@ -37,6 +37,7 @@ from cf.strategies import DeepSpeedStrategy
 from cf.zero import checkpoint_engine_names, checkpoint_world_size
 from cf.video_io import decode_mp4
 from cf.weights import save_wan_weights
+from helpers.student_args import student_args
 from data import VideoDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,12 +211,12 @@ def test_teacher_checkpoint_refuses_another_world_size(teacher_runs: dict[str, A
 
 def student_module(teacher_file: str) -> CDMDStudent:
     """Tiny stage-2 student: 5-block (15-frame) rollouts, 6 context + 6 target frames seen by teacher and critic."""
-    return CDMDStudent(network=TINY, teacher_weights=teacher_file, latent_size=(4, 4), text_encoder_args=TEXT,
-                       memory=MemoryConfig(), rollout=RolloutConfig(min_blocks=5, max_blocks=5, grad_window_frames=3),
-                       context_window=6, target_window=6, context_teacher=True, context_fake=True,
-                       guidance_scale=5.0, critic_time_weighting=True, reencode_image_latent=True,
-                       critic_steps_per_generator_step=GENERATOR_EVERY, generator_lr=1e-3, critic_lr=1e-3,
-                       generator_grad_clip=CLIP, critic_grad_clip=CLIP, val_num_frames=6)
+    return CDMDStudent(**student_args(
+        network=TINY, teacher_weights=teacher_file, latent_size=(4, 4), text_encoder_args=TEXT, memory=MemoryConfig(),
+        rollout=RolloutConfig(min_blocks=5, max_blocks=5, grad_window_frames=3), context_window=6, target_window=6,
+        context_teacher=True, context_fake=True, guidance_scale=5.0, critic_time_weighting=True,
+        reencode_image_latent=True, critic_steps_per_generator_step=GENERATOR_EVERY, generator_lr=1e-3,
+        critic_lr=1e-3, generator_grad_clip=CLIP, critic_grad_clip=CLIP, val_num_frames=6))
 
 
 @pytest.fixture(scope="module")

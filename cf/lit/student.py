@@ -37,6 +37,7 @@ from cf.diffusion import sample_dmd_timesteps
 from cf.encoders import FrozenEncoders, TextEncoder, VideoAutoencoder, resolve_dtype
 from cf.export import GENERATOR_SPEC_KEY, GeneratorSpec, read_generator_weights, write_generator_export
 from cf.lit.arguments import as_dataclass, stable_seed
+from cf.lit.student_settings import OptimizationConfig, ScoreConfig, TeacherWindowConfig
 from cf.losses import cdmd_critic_loss, cdmd_generator_loss, network_dtype
 from cf.memory import MemoryConfig
 from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
@@ -94,24 +95,11 @@ class CDMDStudent(pl.LightningModule):
             ``slow_fast``).
         rollout: rollout length (blocks, linear cap over ``decay_steps`` trainer steps), grad window and the
             few-step sampling (`RolloutConfig`; default: 7 blocks = 21 frames, last 18 with grad).
-        context_window / target_window: frames of the teacher window (§F.5): stage 1 0 / 21, stage 2 21 / 21.
-        context_teacher / context_fake: whether the real / fake score sees the context (§I.10).
-        teacher_context: ``"contiguous"`` (the frames before the target, §I.4 default) or ``"memory"`` (the
-            student's memory when the target starts: the sink and slow slots of the memory's consensus slot table
-            (per slot, the frame most layers hold: layers decide keyframes on their own keys), then the last
-            ``memory.fast`` frames; context_window must equal sink + slow + fast).
-        reencode_image_latent: make the window's first frame by decoding the prefix and re-encoding its last pixel
-            frame (§F.5); False uses the prefix's last latent as is (exact for the toy autoencoder).
-        guidance_scale: g of the real score's ``cond + g·(cond − uncond)`` (3.0 stage 1, 5.0 stage 2).
-        timestep_shift / min_timestep / max_timestep: the DMD/critic timestep draw (shift 5, clamp [20, 980]).
-        critic_time_weighting: weight the critic loss by w(t) (§I.12: stage 1 off, stage 2 on).
-        critic_steps_per_generator_step: trainer steps per generator update (5).
-        gradient_accumulation: micro-batches per update; a batch holds ``gradient_accumulation`` micro-batches
-            (under DeepSpeed the engines' ``gradient_accumulation_steps`` must equal it).
-        generator_lr / generator_betas / critic_lr / critic_betas / weight_decay: AdamW settings (§F.8).
-        generator_grad_clip / critic_grad_clip: gradient-norm clipping (2.0; None: none). Under DeepSpeed the
-            engines clip, and their ``gradient_clipping`` must equal these.
-        lr_total_steps / lr_floor: the generator's cosine-with-floor schedule over generator updates (§F.3).
+        window: the teacher window (`TeacherWindowConfig`: context / target frames, which scores see the context,
+            contiguous or memory context, re-encoded first frame).
+        scores: CFG scale, DMD timestep draw, critic weighting (`ScoreConfig`).
+        optimization: the two AdamW optimisers, clipping, accumulation, update ratio, lr schedule
+            (`OptimizationConfig`).
         gradient_checkpointing: recompute DiT blocks in backward (generator and critic).
         seed: base seed of every random draw of training.
         val_num_frames / val_seed: latent frames of each validation video and the validation seed.
@@ -136,28 +124,9 @@ class CDMDStudent(pl.LightningModule):
         negative_prompt: str = NEGATIVE_PROMPT,
         memory: MemoryConfig | str = "slow_fast",
         rollout: RolloutConfig | None = None,
-        context_window: int = 0,
-        target_window: int = 21,
-        context_teacher: bool = False,
-        context_fake: bool = False,
-        teacher_context: Literal["contiguous", "memory"] = "contiguous",
-        reencode_image_latent: bool = True,
-        guidance_scale: float = 3.0,
-        timestep_shift: float = 5.0,
-        min_timestep: float = 20.0,
-        max_timestep: float = 980.0,
-        critic_time_weighting: bool = False,
-        critic_steps_per_generator_step: int = 5,
-        gradient_accumulation: int = 1,
-        generator_lr: float = 2e-6,
-        generator_betas: tuple[float, float] = (0.9, 0.999),
-        critic_lr: float = 4e-7,
-        critic_betas: tuple[float, float] = (0.5, 0.95),
-        weight_decay: float = 0.01,
-        generator_grad_clip: float | None = 2.0,
-        critic_grad_clip: float | None = 2.0,
-        lr_total_steps: int = 2001,
-        lr_floor: float = 0.2,
+        window: TeacherWindowConfig | None = None,
+        scores: ScoreConfig | None = None,
+        optimization: OptimizationConfig | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 1646,
         val_num_frames: int = 21,
@@ -171,15 +140,10 @@ class CDMDStudent(pl.LightningModule):
         if isinstance(memory, str):
             memory = MemoryConfig.preset(memory, frames_per_chunk=frames_per_chunk)
         self.memory_config = as_dataclass(memory, MemoryConfig, "memory")
-        if teacher_context == "memory":
-            mc = self.memory_config
-            if mc.fast is None or mc.slow == 0:
-                raise ValueError("teacher_context='memory' needs a slow-fast memory (slow > 0, bounded fast); use "
-                                 "teacher_context='contiguous' with this memory")
-            if context_window != mc.sink + mc.slow + mc.fast:
-                raise ValueError(f"teacher_context='memory' gives the teacher sink + slow + fast = "
-                                 f"{mc.sink + mc.slow + mc.fast} context frames; set context_window to that "
-                                 f"(got {context_window})")
+        self.window = TeacherWindowConfig() if window is None else as_dataclass(window, TeacherWindowConfig, "window")
+        self.scores = ScoreConfig() if scores is None else as_dataclass(scores, ScoreConfig, "scores")
+        self.optimization = OptimizationConfig() if optimization is None else \
+            as_dataclass(optimization, OptimizationConfig, "optimization")
         self.rollout_config = RolloutConfig() if rollout is None else as_dataclass(rollout, RolloutConfig, "rollout")
         if isinstance(self.rollout_config.sampling, Mapping):
             self.rollout_config.sampling = SamplingConfig(**self.rollout_config.sampling)
@@ -189,8 +153,8 @@ class CDMDStudent(pl.LightningModule):
         self.hparams.update(network=dataclasses.asdict(self.network_config),
                             memory=dataclasses.asdict(self.memory_config),
                             rollout=dataclasses.asdict(self.rollout_config),
-                            latent_size=list(latent_size), generator_betas=list(generator_betas),
-                            critic_betas=list(critic_betas))
+                            window=dataclasses.asdict(self.window), scores=dataclasses.asdict(self.scores),
+                            optimization=dataclasses.asdict(self.optimization), latent_size=list(latent_size))
         # placeholders until `configure_model` (callbacks such as EMA look the generator up in their `setup`)
         self.generator: CausalWanDiT | nn.Module = nn.Module()
         self.critic: WanDiT | nn.Module = nn.Module()
@@ -228,36 +192,23 @@ class CDMDStudent(pl.LightningModule):
             if value not in builtin and not os.path.isdir(value):
                 problems.append(f"{name} {value!r} is neither {' / '.join(repr(b) for b in builtin)} nor an "
                                 "existing folder; point it to the local weights folder")
-        context, target = args["context_window"], args["target_window"]
-        uses_context = args["context_teacher"] or args["context_fake"]
-        if target < 1 or context < 0:
-            problems.append(f"need target_window >= 1 and context_window >= 0, got {target} and {context}")
-        if context > 0 and not uses_context:
-            problems.append(f"context_window={context} but neither context_teacher nor context_fake is set; set "
-                            "one of them, or context_window: 0")
-        if context == 0 and uses_context:
-            problems.append("context_teacher / context_fake need a context: set context_window > 0 (21 in stage 2)")
+        window, mc = self.window, self.memory_config
+        if window.source == "memory" and (mc.fast is None or mc.slow == 0):
+            problems.append("window.source='memory' needs a slow-fast memory (slow > 0, bounded fast); use "
+                            "source: contiguous with this memory")
+        elif window.source == "memory" and window.context_frames != mc.sink + mc.slow + mc.fast:
+            problems.append(f"window.source='memory' gives the teacher sink + slow + fast = "
+                            f"{mc.sink + mc.slow + mc.fast} context frames; set window.context_frames to that "
+                            f"(got {window.context_frames})")
         min_frames = rollout.min_blocks * n
-        if min_frames < context + target:
+        if min_frames < window.frames:
             problems.append(f"the shortest rollout ({rollout.min_blocks} blocks = {min_frames} frames) is shorter "
-                            f"than the teacher window ({context} + {target}); raise rollout.min_blocks")
-        if rollout.grad_window_frames is not None and rollout.grad_window_frames > target:
-            problems.append(f"rollout.grad_window_frames ({rollout.grad_window_frames}) exceeds target_window "
-                            f"({target}): gradient would reach frames the scores never see")
-        if args["teacher_context"] not in ("contiguous", "memory"):
-            problems.append(f"teacher_context must be 'contiguous' or 'memory', got {args['teacher_context']!r}")
-        if args["critic_steps_per_generator_step"] < 1:
-            problems.append("critic_steps_per_generator_step must be >= 1")
-        if args["gradient_accumulation"] < 1:
-            problems.append("gradient_accumulation must be >= 1")
-        for name in ("generator_lr", "critic_lr"):
-            if args[name] <= 0:
-                problems.append(f"{name} must be > 0, got {args[name]}")
-        for name in ("generator_grad_clip", "critic_grad_clip"):
-            if args[name] is not None and args[name] <= 0:
-                problems.append(f"{name} must be > 0 (or null for no clipping), got {args[name]}")
-        if not 0 <= args["min_timestep"] <= args["max_timestep"] <= 1000:
-            problems.append("need 0 <= min_timestep <= max_timestep <= 1000")
+                            f"than the teacher window ({window.context_frames} + {window.target_frames}); raise "
+                            "rollout.min_blocks")
+        if rollout.grad_window_frames is not None and rollout.grad_window_frames > window.target_frames:
+            problems.append(f"rollout.grad_window_frames ({rollout.grad_window_frames}) exceeds "
+                            f"window.target_frames ({window.target_frames}): gradient would reach frames the scores "
+                            "never see")
         if args["val_num_frames"] < n or args["val_num_frames"] % n:
             problems.append(f"val_num_frames must be a positive multiple of frames_per_chunk ({n})")
         try:
@@ -336,7 +287,7 @@ class CDMDStudent(pl.LightningModule):
             raise KeyError(f"CDMDStudent needs batches with 'caption' (data.VideoDataModule mode 'prompts'); got keys "
                            f"{sorted(batch)}")
         captions = list(batch["caption"])
-        k = self.hparams.gradient_accumulation
+        k = self.optimization.gradient_accumulation
         if len(captions) % k:
             raise ValueError(f"a batch of {len(captions)} prompts does not split into gradient_accumulation={k} "
                              f"micro-batches; set the data batch_size to a multiple of {k}")
@@ -372,10 +323,10 @@ class CDMDStudent(pl.LightningModule):
         memory_slots: list[list[int]] = []
 
         def remember_slots(end_frame: int, memory: Any) -> None:  # the memory as the target window starts
-            if end_frame == num_frames - hp.target_window:
+            if end_frame == num_frames - self.window.target_frames:
                 memory_slots[:] = [memory.consensus_slot_frames(b) for b in range(len(captions))]
 
-        use_memory = hp.teacher_context == "memory"
+        use_memory = self.window.source == "memory"
         with torch.set_grad_enabled(grad):
             text_kv = generator.text_kv(text.to(network_dtype(generator)))
             frames = train_rollout(generator, text_kv, num_frames, tuple(hp.latent_size), len(captions), cache,
@@ -384,48 +335,50 @@ class CDMDStudent(pl.LightningModule):
         if use_memory:
             mc = self.memory_config
             context, target = memory_teacher_window(frames, memory_slots, mc.sink, mc.slow, mc.fast,
-                                                    hp.target_window)
+                                                    self.window.target_frames)
         else:
-            autoencoder = self.autoencoder if hp.reencode_image_latent else None
-            context, target = teacher_window(frames, hp.context_window, hp.target_window, autoencoder)
+            autoencoder = self.autoencoder if self.window.reencode_image_latent else None
+            context, target = teacher_window(frames, self.window.context_frames, self.window.target_frames,
+                                             autoencoder)
         return context, target, text, {"frames": num_frames, "exit_index": exit_index}
 
     # ------------------------------------------------------------------------------------------------ losses
     def generator_loss(self, captions: list[str], step: int, micro: int = 0) -> tuple[Tensor, dict[str, Any]]:
         """CDMD generator loss of one micro-batch (fresh rollout with grad); (loss, logged values)."""
-        hp = self.hparams
+        scores = self.scores
         _, critic, real_score = self._networks()
         context, target, text, info = self.rollout(captions, step, "generator", micro, grad=True)
         draws = self._rank_generator(step, "generator_score", micro)
-        t = sample_dmd_timesteps(target.shape[0], hp.timestep_shift, hp.min_timestep, hp.max_timestep,
+        t = sample_dmd_timesteps(target.shape[0], scores.timestep_shift, scores.min_timestep, scores.max_timestep,
                                  generator=draws, device=self.device)
         noise = torch.randn(target.shape, generator=draws, device=self.device, dtype=torch.float32)
         loss, stats = cdmd_generator_loss(target, context, real_score, critic, text, self.negative_embedding(), t,
-                                         noise, hp.guidance_scale, hp.context_teacher, hp.context_fake)
+                                          noise, scores.guidance_scale, self.window.context_teacher,
+                                          self.window.context_fake)
         return loss, {**stats, **info}
 
     def critic_loss(self, captions: list[str], step: int, micro: int = 0) -> tuple[Tensor, dict[str, Any]]:
         """Critic loss of one micro-batch (fresh rollout without grad); (loss, logged values)."""
-        hp = self.hparams
+        scores = self.scores
         _, critic, _ = self._networks()
         with torch.no_grad():
             context, target, text, info = self.rollout(captions, step, "critic", micro, grad=False)
-        if not hp.context_fake:
+        if not self.window.context_fake:
             context = None
         draws = self._rank_generator(step, "critic_score", micro)
-        t = sample_dmd_timesteps(target.shape[0], hp.timestep_shift, hp.min_timestep, hp.max_timestep,
+        t = sample_dmd_timesteps(target.shape[0], scores.timestep_shift, scores.min_timestep, scores.max_timestep,
                                  generator=draws, device=self.device)
         frames = target.shape[2] + (0 if context is None else context.shape[2])
         noise = torch.randn((*target.shape[:2], frames, *target.shape[3:]), generator=draws, device=self.device)
         loss = cdmd_critic_loss(critic, target.float(), None if context is None else context.float(), text, t,
-                                     noise, hp.critic_time_weighting, hp.timestep_shift)
+                                noise, scores.critic_time_weighting, scores.timestep_shift)
         return loss, info
 
     # ------------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         micro_batches = self._micro_batches(batch)
         step = self.trainer_step
-        self.generator_stepped = step % self.hparams.critic_steps_per_generator_step == 0
+        self.generator_stepped = step % self.optimization.critic_steps_per_generator_step == 0
         logged: dict[str, Any] = {}
         if self.generator_stepped:
             logged.update(self._update("generator", micro_batches, step))
@@ -471,7 +424,8 @@ class CDMDStudent(pl.LightningModule):
         grad_norm = None
         if not engine_accumulates:
             grad_norm = _grad_norm(active)
-            clip = self.hparams.generator_grad_clip if phase == "generator" else self.hparams.critic_grad_clip
+            opt = self.optimization
+            clip = opt.generator_grad_clip if phase == "generator" else opt.critic_grad_clip
             if clip is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         idle.requires_grad_(True)  # both trainable between phases (checkpoints may leave frozen weights out)
@@ -504,13 +458,13 @@ class CDMDStudent(pl.LightningModule):
         return engines.get(name)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-        hp = self.hparams
+        opt = self.optimization
         generator, critic, _ = self._networks()
-        generator_optimizer = torch.optim.AdamW(generator.parameters(), lr=hp.generator_lr,
-                                                betas=tuple(hp.generator_betas), weight_decay=hp.weight_decay)
-        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=hp.critic_lr, betas=tuple(hp.critic_betas),
-                                             weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(generator_optimizer, lr_lambda(hp.lr_total_steps, hp.lr_floor))
+        generator_optimizer = torch.optim.AdamW(generator.parameters(), lr=opt.generator_lr,
+                                                betas=tuple(opt.generator_betas), weight_decay=opt.weight_decay)
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=opt.critic_lr, betas=tuple(opt.critic_betas),
+                                             weight_decay=opt.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(generator_optimizer, lr_lambda(opt.lr_total_steps, opt.lr_floor))
         return [generator_optimizer, critic_optimizer], [{"scheduler": schedule, "interval": "step"}]
 
     def on_fit_start(self) -> None:
@@ -518,19 +472,19 @@ class CDMDStudent(pl.LightningModule):
 
     def _check_engines(self) -> None:
         """Under a multi-engine DeepSpeed strategy the engines accumulate and clip; their settings must match."""
-        hp = self.hparams
-        for name, clip in (("generator", hp.generator_grad_clip), ("critic", hp.critic_grad_clip)):
+        opt = self.optimization
+        for name, clip in (("generator", opt.generator_grad_clip), ("critic", opt.critic_grad_clip)):
             engine = self._engine(name)
             if engine is None:
                 continue
-            if engine.gradient_accumulation_steps() != hp.gradient_accumulation:
-                steps = hp.gradient_accumulation
+            if engine.gradient_accumulation_steps() != opt.gradient_accumulation:
+                steps = opt.gradient_accumulation
                 raise ValueError(f"the DeepSpeed engine {name!r} accumulates {engine.gradient_accumulation_steps()} "
-                                 f"micro-batches but gradient_accumulation is {steps}; set strategy "
+                                 f"micro-batches but optimization.gradient_accumulation is {steps}; set strategy "
                                  f"engine_configs: {{{name}: {{gradient_accumulation_steps: {steps}}}}}")
             if float(engine.gradient_clipping() or 0.0) != float(clip or 0.0):
                 raise ValueError(f"the DeepSpeed engine {name!r} clips at {engine.gradient_clipping()} but "
-                                 f"{name}_grad_clip is {clip}; set strategy engine_configs: {{{name}: "
+                                 f"optimization.{name}_grad_clip is {clip}; set strategy engine_configs: {{{name}: "
                                  f"{{gradient_clipping: {clip}}}}}")
 
     # ------------------------------------------------------------------------------------------------ validation
