@@ -26,22 +26,10 @@ TOOL_MODULES = {
 
 
 def run_lightning_cli(args: list[str]) -> None:
-    """LightningCLI with subclass mode for model and data and omegaconf interpolation in YAML."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    """`cf fit|validate|test|predict` (`cf.lightning_cli`)."""
+    from cf.lightning_cli import run_lightning_cli as run
 
-    import cf.strategies  # noqa: F401  registers the short strategy names (cf_deepspeed_stage_3, ...)
-
-    LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    run(args)
 
 
 def build_tool_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentParser:

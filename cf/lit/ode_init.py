@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cf.diffusion import flow_to_x0, warp_timesteps
 from cf.export import read_generator_weights, write_generator_export
-from cf.lit.arguments import stable_seed
+from cf.lit.arguments import check_resumed_settings, stable_seed, stamp_checkpoint
 from cf.zero import gathered_parameters, load_network_weights
 from cf.models.wan import CausalWanDiT, WanConfig
 
@@ -178,6 +178,12 @@ class ODEInitStudent(pl.LightningModule):
         if self.global_rank == 0:
             write_generator_export(path, state, spec)
         return Path(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumed_settings(self, checkpoint)
 
     def on_train_end(self) -> None:
         if self.hparams.export_path:

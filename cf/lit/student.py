@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cf.diffusion import sample_dmd_timesteps
 from cf.encoders import FrozenEncoders, TextEncoder, VideoAutoencoder, resolve_dtype
 from cf.export import GENERATOR_SPEC_KEY, GeneratorSpec, read_generator_weights, write_generator_export
-from cf.lit.arguments import as_dataclass, stable_seed
+from cf.lit.arguments import as_dataclass, check_resumed_settings, stable_seed, stamp_checkpoint
 from cf.lit.student_settings import OptimizationConfig, ScoreConfig, TeacherWindowConfig
 from cf.losses import cdmd_critic_loss, cdmd_generator_loss, network_dtype
 from cf.memory import MemoryConfig
@@ -515,6 +515,7 @@ class CDMDStudent(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the step counters and the generator spec (so `cf generate` can use the checkpoint directly); leave
         the frozen teacher out (it is rebuilt from ``teacher_weights``)."""
+        stamp_checkpoint(self, checkpoint)
         checkpoint[COUNTERS_KEY] = {"trainer_step": self.trainer_step, "generator_updates": self.generator_updates,
                                     "critic_updates": self.critic_updates}
         checkpoint[GENERATOR_SPEC_KEY] = dataclasses.asdict(self.generator_spec())
@@ -524,6 +525,7 @@ class CDMDStudent(pl.LightningModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumed_settings(self, checkpoint)
         counters = checkpoint.get(COUNTERS_KEY)
         if counters is None:
             rank_zero_warn("the checkpoint has no CDMD step counters; counting restarts from its global_step")

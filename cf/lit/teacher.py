@@ -38,7 +38,7 @@ from cf.teacher_layout import (
     long_layout,
     long_layout_from_latents,
 )
-from cf.lit.arguments import as_dataclass
+from cf.lit.arguments import as_dataclass, check_resumed_settings, stamp_checkpoint
 from cf.lora import EXPORT_KEY, LORA_TARGETS, apply_lora, export_state_dict
 from cf.losses import flow_matching_loss
 from cf.models.wan import WanConfig, WanDiT
@@ -509,6 +509,7 @@ class TeacherERFT(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the error banks and the random stream of every rank (keyed by rank, gathered on rank 0, which writes
         the checkpoint) and the export metadata."""
+        stamp_checkpoint(self, checkpoint)
         state = {"banks": self.banks.state_dict(), "generator": self.random_stream().get_state()}
         rank, world = rank_and_world()
         if world > 1:
@@ -528,7 +529,8 @@ class TeacherERFT(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore this rank's error banks and random stream (rank r of a run with another world size gets the state
-        of rank r mod saved world size)."""
+        of rank r mod saved world size). Refuses a checkpoint of another module or with other settings."""
+        check_resumed_settings(self, checkpoint)
         saved = checkpoint.get(ERFT_STATE_KEY)
         if saved is None:
             log.warning("the checkpoint has no ERFT state: the error banks start empty")

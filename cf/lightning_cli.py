@@ -1,0 +1,72 @@
+"""`cf fit|validate|test|predict`: LightningCLI with the project's conventions.
+
+Any LightningModule / LightningDataModule is selected by ``class_path`` in the YAML (subclass mode), YAML values may
+use omegaconf interpolation (``${oc.env:CF_RUNS,runs}``), and the resolved config is saved beside the logs.
+``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run (any ``version_*`` folder of its logger), and fails
+with a clear message when the run has none, instead of silently starting over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+import cf.strategies  # noqa: F401,E402  registers the short strategy names (cf_deepspeed_stage_3, ...)
+
+__all__ = ["ProjectCLI", "find_last_checkpoint", "run_lightning_cli"]
+
+
+def find_last_checkpoint(root: str | Path) -> Path:
+    """The newest ``last.ckpt`` (file, or DeepSpeed checkpoint folder) below ``root``, e.g. ``runs/<name>``."""
+    root = Path(root)
+    found = [p for p in root.glob("**/last.ckpt") if p.is_file() or (p / "latest").exists() or p.is_dir()]
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt below {root} (the run's log folders); pass the path "
+                                "of a checkpoint, or drop --ckpt_path to start a new run")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def _run_root(trainer: pl.Trainer) -> Path:
+    """The folder holding every version of this run: the logger's ``<save_dir>/<name>``, else the root dir."""
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "root_dir", None):
+        return Path(logger.root_dir)
+    return Path(trainer.default_root_dir)
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI whose ``--ckpt_path last`` finds the run's newest checkpoint across version folders."""
+
+    def _resolve_last(self) -> None:
+        config: Any = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            path = find_last_checkpoint(_run_root(self.trainer))
+            print(f"--ckpt_path last: resuming {path}")
+            config["ckpt_path"] = str(path)
+
+    def before_fit(self) -> None:
+        self._resolve_last()
+
+    def before_validate(self) -> None:
+        self._resolve_last()
+
+    def before_test(self) -> None:
+        self._resolve_last()
+
+
+def run_lightning_cli(args: list[str], run: bool = True) -> ProjectCLI:
+    """`cf fit|validate|test|predict ...` (subclass mode for model and data, omegaconf interpolation in YAML)."""
+    return ProjectCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
