@@ -3,7 +3,7 @@
 - `cf fit|validate|test|predict --config configs/....yaml` — LightningCLI: any LightningModule / LightningDataModule
   selected by `class_path` in the YAML; the resolved config is saved next to the logs, so
   `cf fit --config <run>/config.yaml --ckpt_path <ckpt>` resumes a run.
-- `cf demo|generate|evaluate|convert|data ...` — the project's tools (`cf <command> --help`).
+- `cf demo|toy-base|generate|evaluate|convert|data ...` — the project's tools (`cf <command> --help`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # command name -> module with `register(subparsers)`
 TOOL_MODULES = {
     "demo": "cf.demo",
+    "toy-base": "cf.toy_base",
     "generate": "cf.generate",
     "evaluate": "cf.evaluation.cli",
     "convert": "cf.convert",
