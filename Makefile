@@ -14,10 +14,10 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: install demo test bench
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/cpu-constraints.txt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(PIP) -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(PIP) -c .ci/cpu-constraints.txt torch 2>&1 | $(QUIET_PIP)
+	$(PIP) -c .ci/cpu-constraints.txt -e ".[dev]" 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'unexpected torch ' + torch.__version__)"
 	touch $@
 

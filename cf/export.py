@@ -40,6 +40,7 @@ class GeneratorSpec:
     autoencoder_kwargs: dict = field(default_factory=dict)
     text_encoder: str = "hashed"
     text_encoder_kwargs: dict = field(default_factory=dict)
+    encoder_dtype: str = "float32"  # the real encoders' dtype in training (bf16 at scale)
     latent_size: tuple[int, int] = (8, 8)
     fps: int = 16
     memory: dict = field(default_factory=dict)  # MemoryConfig fields, keyframe rule included; empty: slow_fast

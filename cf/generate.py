@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cf.atomic import atomic_write_text
-from cf.encoders import build_autoencoder, build_text_encoder
+from cf.encoders import build_autoencoder, build_text_encoder, resolve_dtype
 from cf.export import GeneratorSpec, read_generator_weights
 from cf.models.wan import CausalWanDiT
 from cf.rollout import SamplingConfig, stream
@@ -144,10 +144,14 @@ def generate_videos(
     progress: bool = True,
     names: list[str] | None = None,
     overwrite: bool = False,
+    encoder_dtype: str | None = None,
+    offload_text_encoder: bool = False,
 ) -> list[Path]:
     """Generate one video per prompt into `out_dir` (`<name>.mp4` + `<name>.txt` with the prompt).
 
     Prompts are batched `batch_size` at a time; each batch is seeded with `seed + batch index`. Returns the paths.
+    The encoders run in ``encoder_dtype`` (default: the spec's); with ``offload_text_encoder`` every prompt is
+    embedded first and the text encoder then moves to the CPU (umT5-XXL is ~11 GB in bf16).
     Repeated names get a ``_2``, ``_3`` suffix; existing files are an error (FileExistsError, before anything is
     generated) unless ``overwrite``. Each mp4 appears under its name only when complete. On SIGINT / SIGTERM the
     current chunk is finished, the videos of the batch in progress are closed as playable mp4s of the chunks done,
@@ -164,8 +168,16 @@ def generate_videos(
         raise FileExistsError(f"{existing[0]} already exists ({len(existing)} of the output files do); pass "
                               "--overwrite to replace them, or choose another --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    autoencoder = build_autoencoder(spec.autoencoder, **spec.autoencoder_kwargs).to(device)
-    text_encoder = build_text_encoder(spec.text_encoder, **spec.text_encoder_kwargs).to(device)
+    encoder_dtype = encoder_dtype or spec.encoder_dtype
+    autoencoder = build_autoencoder(spec.autoencoder, dtype=encoder_dtype, **spec.autoencoder_kwargs).to(device)
+    text_encoder = build_text_encoder(spec.text_encoder, dtype=encoder_dtype, **spec.text_encoder_kwargs).to(device)
+    embedded: dict[int, torch.Tensor] = {}
+    if offload_text_encoder:
+        for b0 in range(0, len(prompts), batch_size):
+            embedded[b0] = text_encoder(prompts[b0 : b0 + batch_size]).to(device)
+        text_encoder.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     memory_config = spec.memory_config(memory, keyframes)
     sampling = SamplingConfig(**spec.sampling)
     num_frames = latent_frames_for(seconds, spec.fps, spec.frames_per_chunk)
@@ -179,7 +191,7 @@ def generate_videos(
             done = 0
             try:
                 if stop.received is None:
-                    text = text_encoder(batch_prompts).to(device)
+                    text = embedded[b0] if b0 in embedded else text_encoder(batch_prompts).to(device)
                     decoder = autoencoder.stream_decoder()
                     chunks = stream(model, text, num_frames, tuple(spec.latent_size), memory=memory_config,
                                     sampling=sampling, seed=seed + b0 // batch_size)
@@ -266,6 +278,16 @@ def resolve_spec(weights: Path | None, config: str | Path | None) -> GeneratorSp
     )
 
 
+def generation_dtypes(device: str | torch.device, dtype: str, encoder_dtype: str, spec: GeneratorSpec
+                      ) -> tuple[torch.dtype, str]:
+    """(DiT dtype, encoder dtype name) for ``cf generate``: ``"auto"`` is bfloat16 on CUDA, and on other devices
+    float32 for the DiT and the generator's training dtype for the encoders."""
+    cuda = torch.device(device).type == "cuda"
+    dit = resolve_dtype("bfloat16" if dtype == "auto" and cuda else "float32" if dtype == "auto" else dtype)
+    encoders = ("bfloat16" if cuda else spec.encoder_dtype) if encoder_dtype == "auto" else encoder_dtype
+    return dit, encoders
+
+
 def run(args: argparse.Namespace) -> None:
     weights = Path(args.weights) if args.weights else None
     try:
@@ -274,7 +296,7 @@ def run(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompt, args.prompts)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cf generate: {err}") from None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype, encoder_dtype = generation_dtypes(args.device, args.dtype, args.encoder_dtype, spec)
     try:
         model = load_generator(spec, weights, args.device, dtype, use_ema=not args.no_ema)
     except NonFiniteWeightsError as err:
@@ -283,7 +305,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         paths = generate_videos(spec, model, prompts, args.out, seconds=args.seconds, seed=args.seed,
                                 memory=args.memory, keyframes=args.keyframes, batch_size=args.batch_size,
-                                device=args.device, overwrite=args.overwrite)
+                                device=args.device, overwrite=args.overwrite, encoder_dtype=encoder_dtype,
+                                offload_text_encoder=args.offload_text_encoder)
     except FileExistsError as err:
         raise SystemExit(f"cf generate: {err}") from None
     except GenerationInterrupted as stopped:
@@ -310,7 +333,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="keyframe policy (default: the generator's own)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the DiT's dtype (auto: bfloat16 on CUDA, which takes the flash-attn path; float32 on CPU)")
+    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the VAE's and text encoder's dtype (auto: bfloat16 on CUDA, else the generator's own)")
+    p.add_argument("--offload-text-encoder", action="store_true",
+                   help="embed every prompt first, then move the text encoder to the CPU (frees ~11 GB for umT5)")
     p.add_argument("--out", default="runs/generate", help="output folder (default runs/generate)")
     p.add_argument("--overwrite", action="store_true", help="replace videos of the same name in --out (default: "
                    "refuse)")

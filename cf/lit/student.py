@@ -547,16 +547,11 @@ class CDMDStudent(pl.LightningModule):
         checkpoints)."""
         hp = self.hparams
         return GeneratorSpec(
-            wan_config=dataclasses.asdict(self.network_config),
-            frames_per_chunk=int(hp.frames_per_chunk),
-            autoencoder=hp.autoencoder,
-            autoencoder_kwargs=dict(hp.autoencoder_args or {}),
-            text_encoder=hp.text_encoder,
-            text_encoder_kwargs=dict(hp.text_encoder_args or {}),
-            latent_size=tuple(hp.latent_size),
-            fps=int(hp.fps),
-            memory=dataclasses.asdict(self.memory_config),
-            sampling=dataclasses.asdict(self.rollout_config.sampling),
+            wan_config=dataclasses.asdict(self.network_config), frames_per_chunk=int(hp.frames_per_chunk),
+            autoencoder=hp.autoencoder, autoencoder_kwargs=dict(hp.autoencoder_args or {}),
+            text_encoder=hp.text_encoder, text_encoder_kwargs=dict(hp.text_encoder_args or {}),
+            encoder_dtype=str(hp.encoder_dtype), latent_size=tuple(hp.latent_size), fps=int(hp.fps),
+            memory=dataclasses.asdict(self.memory_config), sampling=dataclasses.asdict(self.rollout_config.sampling),
         )
 
     def _ema_callback(self) -> Any | None:
