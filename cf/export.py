@@ -59,8 +59,16 @@ class GeneratorSpec:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "GeneratorSpec | None":
-        """The spec a `CDMDStudent` stores in its Lightning `.ckpt` files (None when absent)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        """The spec a `CDMDStudent` stores in its checkpoints (None when absent): a Lightning ``.ckpt`` file
+        (memory-mapped: its tensors are not read), or a DeepSpeed checkpoint folder (its Lightning state file)."""
+        path = Path(path)
+        if path.is_dir():
+            state_file = path / "lightning_state.pt"
+            if not state_file.is_file():
+                return None
+            checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)  # written by cf.strategies
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         raw = checkpoint.get(GENERATOR_SPEC_KEY) if isinstance(checkpoint, dict) else None
         return cls.from_dict(raw) if raw else None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import re
 import signal
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cf.atomic import atomic_write_text
 from cf.encoders import build_autoencoder, build_text_encoder, resolve_dtype
-from cf.export import GeneratorSpec, read_generator_weights
+from cf.export import GeneratorSpec, is_training_checkpoint, read_generator_weights
 from cf.models.wan import CausalWanDiT
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
@@ -146,10 +147,13 @@ def generate_videos(
     overwrite: bool = False,
     encoder_dtype: str | None = None,
     offload_text_encoder: bool = False,
+    seeds: list[int] | None = None,
 ) -> list[Path]:
     """Generate one video per prompt into `out_dir` (`<name>.mp4` + `<name>.txt` with the prompt).
 
-    Prompts are batched `batch_size` at a time; each batch is seeded with `seed + batch index`. Returns the paths.
+    Prompts are batched `batch_size` at a time; prompt i draws its noise from its own generator seeded with
+    ``seeds[i]`` (default ``seed + i``), so a video does not depend on the batch or the process it is made in.
+    Returns the paths.
     The encoders run in ``encoder_dtype`` (default: the spec's); with ``offload_text_encoder`` every prompt is
     embedded first and the text encoder then moves to the CPU (umT5-XXL is ~11 GB in bf16).
     Repeated names get a ``_2``, ``_3`` suffix; existing files are an error (FileExistsError, before anything is
@@ -160,8 +164,9 @@ def generate_videos(
     check_generation_arguments(seconds, batch_size)
     out_dir = Path(out_dir)
     names = unique_names(names or [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)])
-    if len(names) != len(prompts):
-        raise ValueError(f"{len(names)} names for {len(prompts)} prompts")
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+    if len(names) != len(prompts) or len(seeds) != len(prompts):
+        raise ValueError(f"{len(names)} names and {len(seeds)} seeds for {len(prompts)} prompts")
     existing = [out_dir / f"{n}{suffix}" for n in names for suffix in (".mp4", ".txt")
                 if (out_dir / f"{n}{suffix}").exists()]
     if existing and not overwrite:
@@ -194,7 +199,9 @@ def generate_videos(
                     text = embedded[b0] if b0 in embedded else text_encoder(batch_prompts).to(device)
                     decoder = autoencoder.stream_decoder()
                     chunks = stream(model, text, num_frames, tuple(spec.latent_size), memory=memory_config,
-                                    sampling=sampling, seed=seed + b0 // batch_size)
+                                    sampling=sampling, generator=[
+                                        torch.Generator(device=device).manual_seed(s)
+                                        for s in seeds[b0 : b0 + len(batch_prompts)]])
                     bar = tqdm(chunks, total=total_chunks, unit="chunk", disable=not progress,
                                desc=f"generating {b0 + 1}-{b0 + len(batch_prompts)}/{len(prompts)}")
                     for latents in bar:
@@ -264,7 +271,7 @@ def resolve_spec(weights: Path | None, config: str | Path | None) -> GeneratorSp
         return GeneratorSpec()  # the toy default with random weights (a smoke test of the pipeline)
     if (weights.parent / "config.json").exists():
         return GeneratorSpec.load(weights.parent / "config.json")
-    if weights.suffix == ".ckpt":
+    if weights.suffix == ".ckpt" or is_training_checkpoint(weights):
         try:
             stored = GeneratorSpec.from_checkpoint(weights)
         except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
@@ -288,6 +295,16 @@ def generation_dtypes(device: str | torch.device, dtype: str, encoder_dtype: str
     return dit, encoders
 
 
+def process_share(count: int) -> list[int]:
+    """The prompt indices this process generates: all of them, or under torchrun (``RANK`` / ``WORLD_SIZE``) every
+    ``WORLD_SIZE``-th one from ``RANK``. Names and seeds follow the global index, so no two processes write the
+    same file and the videos equal a single process's."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with torchrun")
+    return list(range(rank, count, world))
+
+
 def run(args: argparse.Namespace) -> None:
     weights = Path(args.weights) if args.weights else None
     try:
@@ -296,17 +313,23 @@ def run(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompt, args.prompts)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cf generate: {err}") from None
-    dtype, encoder_dtype = generation_dtypes(args.device, args.dtype, args.encoder_dtype, spec)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    names = unique_names([f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)])
+    mine = process_share(len(prompts))
+    dtype, encoder_dtype = generation_dtypes(device, args.dtype, args.encoder_dtype, spec)
     try:
-        model = load_generator(spec, weights, args.device, dtype, use_ema=not args.no_ema)
+        model = load_generator(spec, weights, device, dtype, use_ema=not args.no_ema)
     except NonFiniteWeightsError as err:
         raise SystemExit(f"cf generate: {err}") from None
     start = time.perf_counter()
     try:
-        paths = generate_videos(spec, model, prompts, args.out, seconds=args.seconds, seed=args.seed,
+        paths = generate_videos(spec, model, [prompts[i] for i in mine], args.out, seconds=args.seconds,
                                 memory=args.memory, keyframes=args.keyframes, batch_size=args.batch_size,
-                                device=args.device, overwrite=args.overwrite, encoder_dtype=encoder_dtype,
-                                offload_text_encoder=args.offload_text_encoder)
+                                device=device, overwrite=args.overwrite, encoder_dtype=encoder_dtype,
+                                offload_text_encoder=args.offload_text_encoder, names=[names[i] for i in mine],
+                                seeds=[args.seed + i for i in mine])
     except FileExistsError as err:
         raise SystemExit(f"cf generate: {err}") from None
     except GenerationInterrupted as stopped:

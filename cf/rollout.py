@@ -21,6 +21,19 @@ from cf.models.kv_cache import KVCache
 from cf.models.wan import CausalWanDiT
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise of ``shape`` [B, ...]: from one generator for the batch, or from one generator per
+    sample (so a sample's noise does not depend on the batch it is generated in)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
 @dataclass
 class SamplingConfig:
     """Few-step sampling of one chunk."""
@@ -42,7 +55,7 @@ def denoise_chunk(
     cache: KVCache,
     start_frame: int,
     timesteps: Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     exit_index: int | None = None,
     grad_at_exit: bool | None = None,
 ) -> Tensor:
@@ -62,17 +75,17 @@ def denoise_chunk(
             flow = model.forward_chunk(x, torch.full((batch,), t, device=x.device), text_kv, cache, start_frame)
             x0 = flow_to_x0(x, flow, t / 1000.0)
         if k < last:
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            fresh = draw_noise(x.shape, generator, x.device, x.dtype)
             x = add_noise(x0.detach(), fresh, float(timesteps[k + 1]) / 1000.0)
     return x0
 
 
 def commit_chunk(model: CausalWanDiT, x0: Tensor, text_kv: list, cache: KVCache, start_frame: int,
-                 noise_sigma: float = 0.0, generator: torch.Generator | None = None) -> None:
+                 noise_sigma: float = 0.0, generator: Generators = None) -> None:
     """The t = 0 pass on the clean chunk that writes its final K/V into the cache (output discarded)."""
     x = x0
     if noise_sigma > 0:
-        fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        fresh = draw_noise(x0.shape, generator, x0.device, x0.dtype)
         x = add_noise(x0, fresh, noise_sigma)
     zeros = torch.zeros(x0.shape[0], device=x0.device)
     model.forward_chunk(x, zeros, text_kv, cache, start_frame, commit=True)
@@ -100,14 +113,15 @@ def stream(
     memory: MemoryConfig | KVCache | str = "slow_fast",
     sampling: SamplingConfig | None = None,
     seed: int | None = 0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     keyframes: KeyframePolicy | None = None,
 ) -> Iterator[Tensor]:
     """Generate `num_frames` latent frames chunk by chunk, yielding each chunk [B, C, n, h, w] as it is done.
 
     text: prompt embeddings [B, L, text_dim]; latent_size: (h, w); memory: a `MemoryConfig`, a preset name
     (slow_fast | sliding | self_forcing | full | released_code) or a cache object. Seeded: the same seed gives the same
-    video. Pass a `generator` instead of `seed` to control the random stream yourself.
+    video. Pass a `generator` instead of `seed` to control the random stream yourself, or one generator per sample
+    (then a sample's video does not depend on the batch it is generated in).
     """
     n = model.frames_per_chunk
     if num_frames <= 0 or num_frames % n:
@@ -123,7 +137,7 @@ def stream(
     timesteps = sampling.timesteps()
     shape = (text.shape[0], model.config.in_dim, n, *latent_size)
     for start in range(0, num_frames, n):
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        noise = draw_noise(shape, generator, device, dtype)
         x0 = denoise_chunk(model, noise, text_kv, cache, start, timesteps, generator)
         commit_chunk(model, x0, text_kv, cache, start, sampling.commit_noise_sigma, generator)
         yield x0

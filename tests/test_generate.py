@@ -205,3 +205,39 @@ def test_offloaded_text_encoder_gives_the_same_video(tmp_path):
     for a, b in zip(plain, offloaded):  # the same frames, up to the video codec's own noise
         frames_a, frames_b = decode_mp4(a)[0].astype(int), decode_mp4(b)[0].astype(int)
         assert frames_a.shape == frames_b.shape and abs(frames_a - frames_b).mean() < 1.0
+
+
+def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path):
+    """RANK / WORLD_SIZE (as torchrun sets them) split the prompts; names and seeds follow the global prompt index,
+    so two concurrent processes write disjoint files whose videos equal a single process's (any batching)."""
+    import os
+    import subprocess
+    import sys
+
+    from cf.video_io import decode_mp4
+
+    torch.manual_seed(0)
+    weights = tmp_path / "student" / "generator.safetensors"
+    save_wan_weights(CausalWanDiT(WanConfig.tiny(), frames_per_chunk=3).state_dict(), weights)
+    GeneratorSpec().save(weights.parent / "config.json")
+    prompts = ["--prompt", "a red circle", "--prompt", "a red circle", "--prompt", "a blue square"]
+    base = [sys.executable, "-m", "cf", "generate", *prompts, "--seconds", "1", "--device", "cpu", "--weights",
+            str(weights)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*base, "--out", str(tmp_path / "one"), "--batch-size", "3"], env=env, check=True,
+                   capture_output=True)
+    ranks = [subprocess.Popen([*base, "--out", str(tmp_path / "two"), "--batch-size", "1"],
+                              env={**env, "RANK": str(r), "WORLD_SIZE": "2"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    for process in ranks:
+        assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert one == ["000_a_red_circle.mp4", "000_a_red_circle.txt", "001_a_red_circle.mp4", "001_a_red_circle.txt",
+                   "002_a_blue_square.mp4", "002_a_blue_square.txt"]
+    for name in one[::2]:
+        a = decode_mp4(tmp_path / "one" / name)[0].astype(int)
+        b = decode_mp4(tmp_path / "two" / name)[0].astype(int)
+        assert a.shape == b.shape and abs(a - b).mean() < 1.0, name
+    red, red_again = (decode_mp4(tmp_path / "one" / n)[0].astype(int) for n in one[0:4:2])
+    assert abs(red - red_again).mean() > 5.0  # same prompt, another seed: another video

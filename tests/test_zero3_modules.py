@@ -12,6 +12,7 @@ too. The student's checkpoint is then exported with ``cf convert zero`` and gene
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -298,8 +299,13 @@ def test_student_checkpoint_exports_and_generates(student_runs: dict[str, Any], 
     assert_same(EMA.read_ema_weights(ckpt, attribute="generator"), final["ema"], "EMA weights of the checkpoint")
 
     spec_fields = student_module(student_files["teacher"]).generator_spec()
-    (out / "config.json").write_text(json.dumps(spec_fields))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(spec_fields)))
     spec = GeneratorSpec.load(out / "config.json")
+    # the DeepSpeed checkpoint folder carries the same spec: `cf generate --weights <folder>` needs no --config
+    from cf.generate import resolve_spec
+
+    same = json.dumps(dataclasses.asdict(resolve_spec(ckpt, None)), sort_keys=True)
+    assert same == json.dumps(dataclasses.asdict(spec), sort_keys=True)
     model = load_generator(spec, out / "generator.safetensors")
     assert_same(dict(model.state_dict()), final["generator"], "generator loaded for generation")
     assert_same(dict(load_generator(spec, ckpt).state_dict()), final["ema"], "generator loaded from the checkpoint")
