@@ -139,8 +139,8 @@ def _teacher_config(weights: Path, network: str | None) -> dict:
     """WanConfig fields: from --network (a preset name or a JSON file) or the config.json beside the weights."""
     from cf.models.wan import WanConfig
 
-    if network in ("tiny", "wan2.1-1.3b"):
-        return asdict(WanConfig.tiny() if network == "tiny" else WanConfig.wan2_1_1_3b())
+    if network in WanConfig.PRESETS:
+        return asdict(WanConfig.preset(network))
     source = Path(network) if network else weights.parent / "config.json"
     if not source.is_file():
         raise FileNotFoundError(f"no DiT config: {source} does not exist; pass --network tiny | wan2.1-1.3b | "

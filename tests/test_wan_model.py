@@ -362,3 +362,12 @@ def test_bad_config_values_are_named(field, value, match):
     fields = {**asdict(WanConfig.tiny()), field: value}
     with pytest.raises(ValueError, match=match):
         WanConfig(**fields)
+
+
+def test_wan_config_presets_by_name():
+    from cf.lit.arguments import as_dataclass
+
+    assert WanConfig.preset("wan2.1-1.3b") == WanConfig.wan2_1_1_3b()
+    assert as_dataclass("tiny", WanConfig, "network") == WanConfig.tiny()
+    with pytest.raises(ValueError, match="unknown WanConfig preset 'wan2.2'"):
+        WanConfig.preset("wan2.2")

@@ -18,9 +18,12 @@ __all__ = ["MODULE_KEY", "as_dataclass", "check_resumed_settings", "stable_seed"
 
 
 def as_dataclass(value: Any, cls: type[T], name: str) -> T:
-    """``value`` if it is a ``cls``, else ``cls(**value)`` for a mapping; a TypeError naming ``name`` otherwise."""
+    """``value`` if it is a ``cls``, else ``cls(**value)`` for a mapping, or ``cls.preset(value)`` for a preset name
+    (classes that have presets); a TypeError naming ``name`` otherwise."""
     if isinstance(value, cls):
         return value
+    if isinstance(value, str) and hasattr(cls, "preset"):
+        return cls.preset(value)
     if isinstance(value, Mapping):
         return cls(**value)
     raise TypeError(f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cf.diffusion import flow_to_x0, warp_timesteps
 from cf.export import read_generator_weights, write_generator_export
-from cf.lit.arguments import check_resumed_settings, stable_seed, stamp_checkpoint
+from cf.lit.arguments import as_dataclass, check_resumed_settings, stable_seed, stamp_checkpoint
 from cf.zero import gathered_parameters, load_network_weights
 from cf.models.wan import CausalWanDiT, WanConfig
 
@@ -86,7 +86,7 @@ class ODEInitStudent(pl.LightningModule):
 
     def __init__(
         self,
-        network: WanConfig | None = None,
+        network: WanConfig | str | None = None,
         frames_per_chunk: int = 3,
         init_weights: str | None = None,
         denoising_steps: Sequence[int] = (1000, 750, 500, 250),
@@ -107,9 +107,8 @@ class ODEInitStudent(pl.LightningModule):
         export_path: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(network, Mapping):
-            network = WanConfig(**network)
-        self.network_config = network or WanConfig.wan2_1_1_3b()
+        self.network_config = WanConfig.wan2_1_1_3b() if network is None else as_dataclass(network, WanConfig,
+                                                                                            "network")
         if frames_per_chunk < 1:
             raise ValueError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}")
         if init_weights is not None and not os.path.exists(init_weights):

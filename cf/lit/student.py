@@ -78,7 +78,7 @@ class CDMDStudent(pl.LightningModule):
     """Contextual DMD training of the causal student (§F); stage 1 and stage 2 differ only by configuration.
 
     Args:
-        network: `WanConfig` shared by the generator, critic and teacher (YAML: ``network: {dim: 64, ...}``);
+        network: `WanConfig` shared by the generator, critic and teacher (YAML: ``network: {dim: 64, ...}`` or a preset name such as ``wan2.1-1.3b``);
             default Wan2.1-T2V-1.3B. The networks are built in `configure_model` (sharded under ZeRO-3).
         frames_per_chunk: latent frames the student generates at once (3).
         teacher_weights: the long-context teacher (``cf convert teacher`` output, or any Wan-layout DiT): the real
@@ -108,7 +108,7 @@ class CDMDStudent(pl.LightningModule):
 
     def __init__(
         self,
-        network: WanConfig | None = None,
+        network: WanConfig | str | None = None,
         frames_per_chunk: int = 3,
         teacher_weights: str | None = None,
         generator_weights: str | None = None,

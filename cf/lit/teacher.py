@@ -176,7 +176,7 @@ class TeacherERFT(pl.LightningModule):
 
     def __init__(
         self,
-        network: WanConfig | None = None,
+        network: WanConfig | str | None = None,
         init_weights: str | None = None,
         finetune: Literal["lora", "full"] = "lora",
         lora_rank: int = 128,

@@ -86,6 +86,16 @@ class WanConfig:
         return cls(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=8, in_dim=4, out_dim=4, num_heads=2,
                    num_layers=2)
 
+    PRESETS = ("wan2.1-1.3b", "tiny")
+
+    @classmethod
+    def preset(cls, name: str) -> "WanConfig":
+        """A config by name (YAML ``network: wan2.1-1.3b``): wan2.1-1.3b | tiny."""
+        presets = {"wan2.1-1.3b": cls.wan2_1_1_3b, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown WanConfig preset {name!r}; choose one of {sorted(presets)} or give the fields")
+        return presets[name]()
+
     def to_dict(self) -> dict:
         return asdict(self)
 
