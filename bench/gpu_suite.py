@@ -507,14 +507,16 @@ def run_training(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates: 
                if k.startswith("train/")}
 
     shape = fm.DiTShape.of(config)
-    step = stage2_step(init, int(metrics["generator_rollout_frames"]), int(metrics["generator_exit_index"]),
-                       int(metrics["critic_exit_index"]))
+    logged = [metrics.get(name) for name in ("generator_rollout_frames", "generator_exit_index",
+                                             "critic_exit_index")]
+    step = stage2_step(init, *(int(value) for value in logged)) if None not in logged else stage2_step(init)
     parts = fm.cdmd_step_work(shape, fm.tokens_per_frame(shape, sizes.latent_hw), step,
                               sizes.vae_cost())
     return {"strategy": "deepspeed (cf.strategies.DeepSpeedStrategy, ZeRO-3)" if use_deepspeed else "plain PyTorch",
             "precision": stage2["trainer"]["precision"] if device.type == "cuda" else "32-true",
             "step_s": timer.step_s, "setup_s": timer.setup_s, "peak_memory_gib": timer.peak_gib,
             "memory_kind": timer.memory_kind, "metrics": metrics, "step_model": dataclasses.asdict(step),
+            "step_model_from_logs": None not in logged,
             "pflop": sum(w.flops for w in parts.values()) / 1e15,
             "floor_s": sum(w.floor_s(**rates) for w in parts.values()),
             "floor_parts_s": {name: w.floor_s(**rates) for name, w in parts.items()},

@@ -212,6 +212,7 @@ def check_results(results: dict, table: str, mode: str) -> None:
     assert training["step_s"] > 0 and training["peak_memory_gib"] > 0 and training["floor_s"] > 0
     assert math.isfinite(training["metrics"]["generator_loss"]) and math.isfinite(training["metrics"]["critic_loss"])
     assert training["metrics"]["generator_updates"] == training["metrics"]["critic_updates"] == 1
+    assert training["step_model_from_logs"]  # the floor uses the step's logged rollout length and exit indices
     lines = table.splitlines()
     assert lines[0].startswith(f"GPU suite ({mode})")
     for header in ("ceilings:", "kernels:", "streaming (", "training:"):
