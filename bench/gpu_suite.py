@@ -15,7 +15,7 @@ Sections (each failure is recorded in the results and the suite goes on):
 
 Writes ``results.json`` and ``table.txt`` to ``--out`` and prints the table last.
 
-    python bench/gpu_suite.py --out runs/gpu_suite             # real sizes on one CUDA GPU (about 7 minutes)
+    python bench/gpu_suite.py --out runs/gpu_suite             # real sizes on one CUDA GPU (a 420 s budget)
     python bench/gpu_suite.py --dry-run --out /tmp/gpu_suite   # CPU, tiny sizes, every code path, seconds
     python bench/gpu_suite.py --small --out /tmp/gpu_suite     # CUDA, tiny sizes (the GPU test)
 """
