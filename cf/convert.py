@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
 from cf.atomic import atomic_write_text
+from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
 from cf.weights import (
     from_diffusers,
     is_diffusers_layout,
