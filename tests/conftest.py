@@ -1,5 +1,7 @@
 """Fixtures shared by the test files."""
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def lightning_environment_restored():
+    """In-process `cf fit` runs (LightningCLI's seed_everything) set PL_GLOBAL_SEED and friends, which later spawned
+    DeepSpeed workers would read and re-seed from: every test leaves the PL_* variables as it found them."""
+    before = {key: value for key, value in os.environ.items() if key.startswith("PL_")}
+    yield
+    for key in [key for key in os.environ if key.startswith("PL_") and key not in before]:
+        del os.environ[key]
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="session")
