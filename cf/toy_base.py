@@ -9,7 +9,8 @@ The base is a plain flow-matching text-to-video DiT trained from scratch on the 
    command, seed, wall time and the measured quality) into the weights folder,
 4. measures it: the base's own sampler (Euler steps over the shifted σ grid, classifier-free guidance) draws clips
    for held-out prompts; `cf.evaluation.prompted.prompt_fidelity` scores them against the held-out clips' ground
-   truth, next to the same score of the held-out clips themselves; a frame strip (generated | dataset) goes beside.
+   truth, next to the same score of the held-out clips themselves; a frame strip (generated | dataset through the
+   autoencoder | dataset) goes beside.
 
     cf toy-base                          # retrain and replace configs/toy/base/ (hours on 2 CPU cores)
     cf toy-base --evaluate-only          # measure the shipped weights again
@@ -42,10 +43,12 @@ __all__ = ["BaseMeasureConfig", "held_out_clips", "load_base", "sample_base", "m
 
 @dataclass
 class BaseMeasureConfig:
-    """How the base is measured: ``num_prompts`` held-out clips with named captions, ``windows_per_clip`` dataset
-    windows of the generated length per clip as the reference, sampler settings from the base's own config."""
+    """How the base is measured: ``num_prompts`` held-out clips with named captions, ``samples_per_prompt`` draws
+    for each, ``windows_per_clip`` dataset windows of the generated length per clip as the reference, sampler
+    settings from the base's own config."""
 
     num_prompts: int = 32
+    samples_per_prompt: int = 2
     windows_per_clip: int = 4
     seed: int = 0
     strip_rows: int = 8
@@ -115,9 +118,10 @@ def sample_base(network, autoencoder, text_encoder, prompts: list[str], num_late
                 latent_size: tuple[int, int], sampling: dict[str, Any], seed: int = 0,
                 batch_size: int = 16) -> list[np.ndarray]:
     """uint8 ``[T, H, W, 3]`` clips of ``num_latents`` latent frames (``latent_size`` = (h, w)) for ``prompts``,
-    drawn from noise with the teacher's sampler (`cf.lit.teacher.continue_latents` with an empty context: Euler
+    drawn from noise with the teacher's sampler (`cf.sampling.continue_latents` with an empty context: Euler
     over ``sampling_sigmas(num_inference_steps, shift)``, CFG against the negative prompt) and decoded."""
-    from cf.lit.teacher import continue_latents, sampling_sigmas
+    from cf.diffusion import sampling_sigmas
+    from cf.sampling import continue_latents
     from cf.video_io import to_uint8_frames
 
     sigmas = sampling_sigmas(int(sampling["num_inference_steps"]), float(sampling["shift"]))
@@ -142,10 +146,16 @@ def _autoencoded(autoencoder, frames: np.ndarray) -> np.ndarray:
 
 
 def _mean_scores(frames: list[np.ndarray], gts: list[dict]) -> dict[str, float]:
+    """Means over clips of background coverage and sprite presence, and their standard errors (``*_sem``)."""
     from cf.evaluation.prompted import prompt_fidelity
 
     scores = [prompt_fidelity(f, gt) for f, gt in zip(frames, gts)]
-    return {key: float(np.mean([s[key] for s in scores])) for key in ("background_coverage", "sprite_presence")}
+    out = {}
+    for key in ("background_coverage", "sprite_presence"):
+        values = np.array([s[key] for s in scores], dtype=float)
+        out[key] = float(values.mean())
+        out[f"{key}_sem"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return out
 
 
 def measure_base(weights_dir: str | Path, data_dir: str | Path, config_path: str | Path = CONFIG,
@@ -153,8 +163,8 @@ def measure_base(weights_dir: str | Path, data_dir: str | Path, config_path: str
                  sampling: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prompt fidelity of the base's samples for held-out prompts, of the held-out clips themselves (evenly spaced
     windows of the same length, as stored and through the autoencoder) and their ratios; writes the frame strip
-    (rows: generated | the clip's first window) to ``strip_path`` when given. ``sampling`` overrides fields of the
-    config's sampler (e.g. ``{"guidance_scale": 2.0}``)."""
+    (rows: generated | the clip's first window through the autoencoder | as stored) to ``strip_path`` when given.
+    ``sampling`` overrides fields of the config's sampler (e.g. ``{"guidance_scale": 2.0}``)."""
     from cf.encoders import VideoAutoencoder
     from cf.evaluation.frame_strip import frame_strip, save_png
 
@@ -168,7 +178,8 @@ def measure_base(weights_dir: str | Path, data_dir: str | Path, config_path: str
     if not clips:
         raise ValueError(f"no held-out clip with a named caption in {data_dir}/val")
     start = time.perf_counter()
-    generated = sample_base(network, autoencoder, text_encoder, [c["caption"] for c in clips], num_latents,
+    draws = max(1, int(cfg.samples_per_prompt))
+    generated = sample_base(network, autoencoder, text_encoder, [c["caption"] for c in clips] * draws, num_latents,
                             latent_size, sampler, cfg.seed)
     sampling_s = time.perf_counter() - start
     windows, window_gts = [], []
@@ -178,17 +189,18 @@ def measure_base(weights_dir: str | Path, data_dir: str | Path, config_path: str
             windows.append(clip["frames"][first : first + num_frames])
             window_gts.append(clip["gt"])
     result = {
-        "prompts": len(clips), "num_pixel_frames": num_frames, "sampling": sampler,
+        "prompts": len(clips), "samples_per_prompt": draws, "num_pixel_frames": num_frames, "sampling": sampler,
         "sampling_seconds": round(sampling_s, 1),
-        "generated": _mean_scores(generated, [c["gt"] for c in clips]),
+        "generated": _mean_scores(generated, [c["gt"] for c in clips] * draws),
         "dataset": _mean_scores(windows, window_gts),
         "dataset_autoencoded": _mean_scores([_autoencoded(autoencoder, w) for w in windows], window_gts),
     }
     result["ratio_to_dataset"] = {k: result["generated"][k] / max(result["dataset"][k], 1e-9)
-                                  for k in result["generated"]}
+                                  for k in ("background_coverage", "sprite_presence")}
     if strip_path is not None:
-        rows = [[g, c["frames"][:num_frames]] for g, c in zip(generated[: cfg.strip_rows], clips)]
-        save_png(frame_strip(rows, columns=6), strip_path)
+        rows = [[g, _autoencoded(autoencoder, c["frames"][:num_frames]), c["frames"][:num_frames]]
+                for g, c in zip(generated[: cfg.strip_rows], clips)]
+        save_png(frame_strip(rows, columns=4), strip_path)
         result["strip"] = str(strip_path)
     return result
 
@@ -204,6 +216,7 @@ class ToyBaseConfig:
     unnamed_fraction: float = 0.25
     seed: int = 0
     max_steps: int | None = None
+    resume: bool = False
     evaluate_only: bool = False
 
 
@@ -231,12 +244,19 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
                     "--data.init_args.val_urls", shard_urls(data / "val")]
         if cfg.max_steps is not None:
             fit += ["--trainer.max_steps", str(cfg.max_steps)]
-        seconds = _run(fit, env, log, "train the base")
+        if cfg.resume:  # an interrupted training continues from its newest last.ckpt; the time before is kept
+            fit += ["--ckpt_path", "last"]
+        seconds = _run(fit, env, log, "train the base") + (record.get("train_wall_seconds", 0.0) if cfg.resume
+                                                               else 0.0)
         checkpoint = _newest("toy_base/version_*/checkpoints/last.ckpt", out / "logs")
         export_teacher(checkpoint, weights / WEIGHTS_NAME)  # config.json (WanConfig) and the training weights
         write_state_dict(EMA.read_ema_weights(checkpoint, attribute="network"), weights / WEIGHTS_NAME)
-        record = {"command": "cf toy-base " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                                         if v not in (None, False) and k != "evaluate_only"),
+        defaults = asdict(ToyBaseConfig())
+        flags = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+                 if k not in ("evaluate_only", "resume", "max_steps") and (v != defaults[k] or k == "seed")]
+        if cfg.max_steps is not None:
+            flags.append(f"--max-steps {cfg.max_steps}")
+        record = {"command": " ".join(["cf toy-base", *flags]),
                   "config": str(CONFIG.relative_to(REPO)), "seed": cfg.seed, "dataset": {
                       "num_clips": cfg.num_clips, "val_clips": cfg.val_clips,
                       "unnamed_fraction": cfg.unnamed_fraction, "seed": cfg.seed},
@@ -253,7 +273,7 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     run_toy_base(ToyBaseConfig(out=args.out, weights=args.weights, num_clips=args.num_clips,
                                val_clips=args.val_clips, unnamed_fraction=args.unnamed_fraction, seed=args.seed,
-                               max_steps=args.max_steps, evaluate_only=args.evaluate_only))
+                               max_steps=args.max_steps, resume=args.resume, evaluate_only=args.evaluate_only))
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -267,6 +287,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--unnamed-fraction", type=float, default=defaults.unnamed_fraction)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last.ckpt")
     p.add_argument("--evaluate-only", action="store_true", help="only measure the weights in --weights")
     p.set_defaults(func=run)
     return p

@@ -86,12 +86,19 @@ class WanConfig:
         return cls(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=8, in_dim=4, out_dim=4, num_heads=2,
                    num_layers=2)
 
-    PRESETS = ("wan2.1-1.3b", "tiny")
+    @classmethod
+    def toy_base(cls) -> "WanConfig":
+        """The embedded toy's base DiT (configs/toy/base.yaml, weights in configs/toy/base/): 4 layers, dim 128,
+        2 heads, 16 text tokens; 1.07 M parameters, 16 tokens per 8x8 latent frame."""
+        return cls(dim=128, ffn_dim=384, freq_dim=32, text_dim=32, text_len=16, in_dim=4, out_dim=4, num_heads=2,
+                   num_layers=4)
+
+    PRESETS = ("wan2.1-1.3b", "tiny", "toy-base")
 
     @classmethod
     def preset(cls, name: str) -> "WanConfig":
-        """A config by name (YAML ``network: wan2.1-1.3b``): wan2.1-1.3b | tiny."""
-        presets = {"wan2.1-1.3b": cls.wan2_1_1_3b, "tiny": cls.tiny}
+        """A config by name (YAML ``network: wan2.1-1.3b``): wan2.1-1.3b | tiny | toy-base."""
+        presets = {"wan2.1-1.3b": cls.wan2_1_1_3b, "tiny": cls.tiny, "toy-base": cls.toy_base}
         if name not in presets:
             raise ValueError(f"unknown WanConfig preset {name!r}; choose one of {sorted(presets)} or give the fields")
         return presets[name]()
