@@ -19,6 +19,7 @@ from cf.evaluation.metrics import (
     windowed_first_frame_score,
     windowed_mean,
 )
+from cf.evaluation.reentry import reentry_consistency
 from cf.evaluation.report import EvaluationConfig, evaluate_folders, evaluate_video
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "ground_truth_metrics", "reference_free_metrics", "DEFAULT_TIMESTAMPS", "VBenchConsistency", "WindowedScore",
     "clip_text_score", "consecutive_frame_similarity", "similarity_to_first_frame", "vbench_consistency",
     "vbench_frame_scores", "window_frame_indices", "windowed_clip_t_score", "windowed_consecutive_frame_score",
-    "windowed_first_frame_score", "windowed_mean", "EvaluationConfig", "evaluate_folders", "evaluate_video",
+    "windowed_first_frame_score", "windowed_mean", "reentry_consistency", "EvaluationConfig", "evaluate_folders",
+    "evaluate_video",
 ]
