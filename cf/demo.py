@@ -1,16 +1,22 @@
 """`cf demo`: the whole toy pipeline on a CPU, end to end, with a report.
 
-1. synthesise the long-range sprite dataset (train / held-out val);
-2. fine-tune the long-context teacher with ERFT and export it;
-3. distil the student: stage 1 (DMD, 21 frames) from the teacher weights, then stage 2 (contextual DMD on long
-   rollouts through the Slow-Fast Memory) — and, as the baseline, the same stage 2 with a memoryless short-window
-   teacher and a sliding-window cache (LongLive-style);
-4. generate 60 s videos for the held-out prompts with both students;
-5. evaluate them (ground-truth-free identity recall and background drift, windowed pixel consistency, flashbacks)
-   and write `runs/demo/report.md` with tables, metric-vs-time plots and the mp4s.
+It starts from the shipped toy base model (configs/toy/base/, what Wan2.1 is for the real run) and
 
-Each training stage runs `cf fit` with the toy configs in a subprocess (the Lightning progress bar shows), so every
-stage can also be re-run or inspected on its own: the commands are printed.
+1. synthesises the sprite dataset (train / held-out val; a quarter of the captions leave every colour unnamed);
+2. fine-tunes the base with ERFT into the long-context teacher and exports it; scores the base's and the teacher's
+   continuations of held-out clips against their ground truth (`cf.evaluation.continuation`);
+3. distils the student: stage 1 (DMD, 21 frames) from the teacher weights, then stage 2 with Context Forcing
+   (contextual DMD on long rollouts through the Slow-Fast Memory); the baseline of the paper's argument, the same
+   stage 2 with a memoryless short-window teacher and a sliding-window student (LongLive-style); and, unless
+   ``--no-ablation``, stage 2 without contextual DMD (configs/ablations/no_contextual_dmd.yaml);
+4. generates 60 s videos for the named and the unnamed prompt of held-out clips with every student;
+5. scores them from pixels against the clips' ground truth (`cf.demo_report`: prompted attributes, unprompted
+   colours after re-entry) and writes `report.md` with tables, plots and a frame strip per model.
+
+Each training stage runs `cf fit` with the toy configs in a subprocess (progress bars show), so every stage can be
+re-run or inspected on its own: the commands are printed and listed in the report. ``--seed`` changes the training
+and generation seeds of every stage (the dataset stays the one of seed 0); ``--pipeline-seeds 0 1 2`` runs the
+whole pipeline once per seed into ``<out>/seed_<k>`` and writes ``<out>/claim.md`` (mean ± spread over seeds).
 """
 
 from __future__ import annotations
@@ -19,53 +25,44 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
+from cf.stage_runner import newest_file, run_stage, run_stages_parallel, shard_urls
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs" / "toy"
+BASE_WEIGHTS = CONFIGS / "base" / "base.safetensors"
+FPS = 16
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
     num_clips: int = 160
-    num_val_clips: int = 8
-    teacher_steps: int = 1500
-    stage1_steps: int = 300
-    stage2_steps: int = 300
+    num_val_clips: int = 16
+    unnamed_fraction: float = 0.25
+    teacher_steps: int = 600
+    stage0_steps: int = 300
+    stage1_steps: int = 200
+    stage2_steps: int = 150
+    ablation: bool = True
     seconds: float = 60.0
-    num_prompts: int = 4
-    seeds: int = 2
+    num_prompt_clips: int = 4       # held-out clips; each gives a named and an unnamed prompt
+    teacher_eval_clips: int = 16
+    seed: int = 0
+    base: str = str(BASE_WEIGHTS)
+    workers: int = 2                # stage-2 runs at a time (independent single-threaded processes)
     fresh: bool = False
 
 
-def _run(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -> float:
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, env={**os.environ, **env}, check=True)
-    seconds = time.perf_counter() - start
-    log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
-    print(f"=== {name} done in {seconds:.0f} s", flush=True)
-    return seconds
-
-
-def shard_urls(folder: Path) -> str:
-    """Brace notation covering the `shard-NNNNNN.tar` files of a split folder."""
-    shards = sorted(folder.glob("shard-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no shard-*.tar in {folder}; run `cf data synth --out {folder.parent}` first")
-    first, last = shards[0].stem.split("-")[1], shards[-1].stem.split("-")[1]
-    return str(folder / (f"shard-{first}.tar" if first == last else f"shard-{{{first}..{last}}}.tar"))
-
-
-def _newest(pattern: str, root: Path) -> Path:
-    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"nothing matches {root}/{pattern}; did the previous stage finish?")
-    return found[-1]
+MODELS = {  # name -> (weights path relative to out, memory used at generation)
+    "context_forcing": ("student_stage2/generator.safetensors", "slow_fast"),
+    "sliding_window": ("baseline_stage2/generator.safetensors", "sliding"),
+    "no_contextual_dmd": ("logs/ablations/no_contextual_dmd/generator.safetensors", "slow_fast"),
+}
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -74,161 +71,221 @@ def run_demo(cfg: DemoConfig) -> Path:
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not Path(cfg.base).is_file():
+        raise FileNotFoundError(f"no toy base weights at {cfg.base}; they ship in configs/toy/base/ (or retrain them "
+                                "with `cf toy-base`)")
     cf = [sys.executable, "-m", "cf"]
     log: list[dict] = []
     total_start = time.perf_counter()
-    paths = {
-        "data": out / "data",
-        "teacher": out / "teacher" / "teacher.safetensors",
-        "stage1": out / "student_stage1" / "generator.safetensors",
-        "stage2": out / "student_stage2" / "generator.safetensors",
-        "baseline": out / "baseline_stage2" / "generator.safetensors",
-    }
+    paths = {"data": out / "data", "teacher": out / "teacher" / "teacher.safetensors",
+             "ode_pairs": out / "ode_pairs" / "ode-000000.tar",
+             "stage0": out / "student_stage0" / "generator.safetensors",
+             "stage1": out / "student_stage1" / "generator.safetensors",
+             **{name: out / rel for name, (rel, _) in MODELS.items()}}
     env = {
         "CF_DATA": str(paths["data"]),
         "CF_RUNS": str(out / "logs"),
+        "CF_BASE": str(Path(cfg.base).resolve()),
         "CF_TEACHER": str(paths["teacher"]),
-        "CF_STUDENT_INIT": str(paths["teacher"]),  # stage 1 starts from the teacher's weights (§F.1)
+        "CF_ODE_PAIRS": str(paths["ode_pairs"]),
+        "CF_STUDENT_INIT": str(paths["stage0"]),  # stage 1 starts from the stage-0 student (§F.9)
         "CF_STUDENT_STAGE1": str(paths["stage1"]),
-        "CF_STUDENT": str(paths["stage2"]),
-        "CF_BASELINE": str(paths["baseline"]),
+        "CF_STUDENT": str(paths["context_forcing"]),
+        "CF_BASELINE": str(paths["sliding_window"]),
         # the toy networks are far too small for intra-op threads to pay off; one thread per process is fastest
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    eval_prompts = out / "eval_prompts.txt"  # the stage-2 fit-end evaluation callback's prompts: the demo scores
+    env["CF_EVAL_PROMPTS"] = str(eval_prompts)  # the students itself, so two are enough there
+    seeded = ["--seed_everything", str(cfg.seed), "--model.init_args.seed", str(cfg.seed)]
 
     if not (paths["data"] / "val" / "prompts.txt").exists():
-        _run(cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
-                   "--val-clips", str(cfg.num_val_clips), "--seed", "0"], env, log, "dataset")
+        run_stage(cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
+                   "--val-clips", str(cfg.num_val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction),
+                   "--seed", "0"], env, log, "dataset")
 
     if not paths["teacher"].exists():
-        _run(cf + ["fit", "--config", str(CONFIGS / "teacher_erft.yaml"),
+        run_stage(cf + ["fit", "--config", str(CONFIGS / "teacher_erft.yaml"), *seeded,
                    "--data.init_args.train_urls", shard_urls(paths["data"] / "train"),
                    "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
-                   "--trainer.max_steps", str(cfg.teacher_steps)], env, log, "teacher ERFT")
-        ckpt = _newest("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
-        _run(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
+                   "--trainer.max_steps", str(cfg.teacher_steps)], env, log, "teacher ERFT (from the toy base)")
+        ckpt = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
+        run_stage(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
+    teacher_quality = _teacher_quality(cfg, paths, out, log)
 
-    if not paths["stage1"].exists():
-        _run(cf + ["fit", "--config", str(CONFIGS / "student_stage1.yaml"),
-                   "--trainer.max_steps", str(cfg.stage1_steps)], env, log, "student stage 1")
+    if not paths["ode_pairs"].exists():
+        run_stage(cf + ["data", "ode-pairs", "--teacher", str(paths["teacher"]),
+                        "--prompts", str(paths["data"] / "train" / "prompts.txt"),
+                        "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), "--num-frames", "6",
+                        "--latent-size", "8", "8", "--num-steps", "48", "--shift", "1", "--guidance", "3",
+                        "--negative-prompt", "", "--text-encoder-args", '{"dim": 32, "max_length": 16}',
+                        "--batch-size", "16", "--seed", str(cfg.seed)], env, log, "stage 0 data (teacher ODE pairs)")
+    if not eval_prompts.exists():
+        val_prompts = (paths["data"] / "val" / "prompts.txt").read_text().splitlines()
+        eval_prompts.write_text("\n".join(val_prompts[:2]) + "\n")
+    for key, name, config, steps in (("stage0", "student stage 0 (ODE regression)", "student_stage0.yaml",
+                                       cfg.stage0_steps),
+                                      ("stage1", "student stage 1 (DMD)", "student_stage1.yaml", cfg.stage1_steps)):
+        if not paths[key].exists():
+            run_stage(cf + ["fit", "--config", str(CONFIGS / config), *seeded, "--trainer.max_steps", str(steps)],
+                      env, log, name)
+    variants = [("context_forcing", "student stage 2 (Context Forcing)", []),
+                ("sliding_window", "baseline stage 2 (memoryless teacher, sliding window)",
+                 [CONFIGS / "baseline_sliding_window.yaml"])]
+    if cfg.ablation:
+        variants.append(("no_contextual_dmd", "ablation stage 2 (no contextual DMD)",
+                         [REPO / "configs" / "ablations" / "no_contextual_dmd.yaml"]))
+    jobs = [(cf + ["fit", "--config", str(CONFIGS / "student_stage2.yaml"),
+                   *[a for c in extra for a in ("--config", str(c))], *seeded,
+                   "--trainer.max_steps", str(cfg.stage2_steps)], name)
+            for key, name, extra in variants if not paths[key].exists()]
+    run_stages_parallel(jobs, env, log, workers=cfg.workers)  # independent runs, one core each
 
-    if not paths["stage2"].exists():
-        _run(cf + ["fit", "--config", str(CONFIGS / "student_stage2.yaml"),
-                   "--trainer.max_steps", str(cfg.stage2_steps)], env, log, "student stage 2 (Context Forcing)")
+    from cf.demo_report import demo_prompts
+    from cf.toy_base import held_out_clips
 
-    if not paths["baseline"].exists():
-        _run(cf + ["fit", "--config", str(CONFIGS / "student_stage2.yaml"),
-                   "--config", str(CONFIGS / "baseline_sliding_window.yaml"),
-                   "--trainer.max_steps", str(cfg.stage2_steps)], env, log, "baseline stage 2 (sliding)")
-
-    prompts = [p for p in (paths["data"] / "val" / "prompts.txt").read_text().splitlines() if p.strip()]
-    prompts = prompts[: cfg.num_prompts]
-    videos = {"context_forcing": out / "videos" / "context_forcing", "sliding_window": out / "videos" / "sliding"}
-    for name, weights, memory in [("context_forcing", paths["stage2"], "slow_fast"),
-                                  ("sliding_window", paths["baseline"], "sliding")]:
-        folder = videos[name]
-        if folder.exists() and len(list(folder.glob("*.mp4"))) == len(prompts) * cfg.seeds:
+    clips = held_out_clips(paths["data"] / "val", cfg.num_prompt_clips, named_only=False)
+    prompts = demo_prompts(clips)
+    videos = {}
+    for model, (_, memory) in MODELS.items():
+        if model == "no_contextual_dmd" and not cfg.ablation:
             continue
-        _generate(weights, prompts, folder, cfg, memory, log)
-
-    report = _evaluate_and_report(videos, out, cfg, log, time.perf_counter() - total_start)
+        videos[model] = out / "videos" / model
+        _generate(paths[model], prompts, videos[model], cfg, memory, log)
+    report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality,
+                                  time.perf_counter() - total_start)
     print(f"\nreport: {report}")
     return report
 
 
-def _generate(weights: Path, prompts: list[str], folder: Path, cfg: DemoConfig, memory: str, log: list) -> None:
-    from cf.generate import GeneratorSpec, generate_videos, load_generator, slug
+def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:
+    """Continuations of held-out clips by the toy base and the ERFT teacher (same clips, same noise)."""
+    import yaml
 
+    from cf.evaluation.continuation import continuation_quality
+    from cf.models.wan import WanConfig, WanDiT
+    from cf.teacher_layout import LongLayoutConfig
+    from cf.toy_base import held_out_clips, load_base
+    from cf.weights import load_wan_weights
+
+    cached = out / "teacher" / "continuations.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    start = time.perf_counter()
+    args = yaml.safe_load((CONFIGS / "teacher_erft.yaml").read_text())["model"]["init_args"]
+    layout = LongLayoutConfig(**args["long_layout"])
+    base, autoencoder, text_encoder, _ = load_base(Path(cfg.base).parent)
+    teacher = WanDiT(WanConfig(**json.loads((paths["teacher"].parent / "config.json").read_text())))
+    load_wan_weights(teacher, paths["teacher"])
+    clips = held_out_clips(paths["data"] / "val", cfg.teacher_eval_clips, named_only=False)
+    result = {"target_latents": layout.target_latents, "sampling": args["sampling"]}
+    for name, network in (("base", base), ("teacher", teacher)):
+        result[name] = continuation_quality(network, autoencoder, text_encoder, clips, layout, args["sampling"],
+                                            seed=cfg.seed)
+    cached.write_text(json.dumps(result, indent=2))
+    log.append({"stage": "teacher continuations (base vs ERFT)", "seconds": round(time.perf_counter() - start, 1),
+                "command": "cf.evaluation.continuation.continuation_quality"})
+    return result
+
+
+def _generate(weights: Path, prompts: list, folder: Path, cfg: DemoConfig, memory: str, log: list) -> None:
+    from cf.generate import GeneratorSpec, generate_videos, load_generator
+
+    names = [p.name for p in prompts]
+    if folder.exists() and all((folder / f"{n}.mp4").exists() for n in names):
+        return
     start = time.perf_counter()
     spec = GeneratorSpec.load(weights.parent / "config.json")
     model = load_generator(spec, weights)
-    for seed in range(cfg.seeds):
-        names = [f"p{i:02d}_s{seed}_{slug(p, 30)}" for i, p in enumerate(prompts)]
-        generate_videos(spec, model, prompts, folder, seconds=cfg.seconds, seed=seed, memory=memory,
-                        batch_size=len(prompts), names=names, overwrite=True)
+    generate_videos(spec, model, [p.text for p in prompts], folder, seconds=cfg.seconds, seed=cfg.seed,
+                    memory=memory, batch_size=len(prompts), names=names, overwrite=True)
     log.append({"stage": f"generate {folder.name}", "seconds": round(time.perf_counter() - start, 1),
-                "command": f"cf generate --weights {weights} --memory {memory} --seconds {cfg.seconds:g}"})
+                "command": f"cf generate --weights {weights} --memory {memory} --seconds {cfg.seconds:g} "
+                           f"--seed {cfg.seed}"})
 
 
-def _evaluate_and_report(videos: dict[str, Path], out: Path, cfg: DemoConfig, log: list, elapsed: float) -> Path:
-    from cf.evaluation.report import evaluate_folders
+def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, out: Path, cfg: DemoConfig,
+                         log: list, teacher_quality: dict, elapsed: float) -> Path:
+    from tqdm.auto import tqdm
+
+    from cf.demo_report import STRIP_COLUMNS, score_video, summarize_models, write_report
+    from cf.evaluation.frame_strip import frame_strip, save_png
+    from cf.video_io import decode_mp4
 
     start = time.perf_counter()
-    results = evaluate_folders([videos["context_forcing"], videos["sliding_window"]], out / "evaluation")
-    log.append({"stage": "evaluate", "seconds": round(time.perf_counter() - start, 1),
-                "command": f"cf evaluate {videos['context_forcing']} {videos['sliding_window']}"})
-    (out / "stages.json").write_text(json.dumps({"config": asdict(cfg), "stages": log}, indent=2))
-    return write_report(out, results, log, elapsed, videos)
+    scores: dict[str, list] = {"dataset": []}
+    for prompt in prompts:  # the held-out clip itself, scored as its named and as its unnamed prompt
+        scores["dataset"].append(score_video(clips[prompt.clip]["frames"], prompt, FPS))
+    strips = {}
+    todo = [(model, prompt) for model in videos for prompt in prompts]
+    frames_of: dict[str, list] = {model: [] for model in videos}
+    for model, prompt in tqdm(todo, desc="scoring videos", unit="video"):
+        frames, fps = decode_mp4(videos[model] / f"{prompt.name}.mp4")
+        scores.setdefault(model, []).append(score_video(frames, prompt, fps))
+        frames_of[model].append(frames)
+    for model, rows in {"dataset": [c["frames"] for c in clips for _ in (0, 1)], **frames_of}.items():
+        path = out / "strips" / f"{model}.png"
+        save_png(frame_strip([[f] for f in rows], columns=STRIP_COLUMNS, scale=1), path)
+        strips[model] = str(path.relative_to(out))
+    summary = summarize_models(scores)
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    log.append({"stage": "score videos", "seconds": round(time.perf_counter() - start, 1),
+                "command": "cf.demo_report.score_video (prompt fidelity, re-entry consistency)"})
+    return write_report(out, summary, strips, teacher_quality, log, elapsed + time.perf_counter() - start,
+                        asdict(cfg), videos)
 
 
-def markdown_tables(results: dict) -> str:
-    """One table per windowed metric (models × timestamps) and one of the scalar summaries (models × metrics)."""
-    models = results.get("models", results)
-    lines: list[str] = []
-    metrics = sorted({m for data in models.values() for m in data["summary"]["windowed"]})
-    for metric in metrics:
-        times = sorted({float(t) for data in models.values() for t in data["summary"]["windowed"].get(metric, {})})
-        lines += [f"**{metric}**", "", "| model | " + " | ".join(f"{t:g} s" for t in times) + " |",
-                  "|---|" + "---|" * len(times)]
-        for model, data in models.items():
-            scores = {float(t): v for t, v in data["summary"]["windowed"].get(metric, {}).items()}
-            lines.append(f"| {model} | " + " | ".join("–" if scores.get(t) is None else f"{scores[t]:.2f}"
-                                                      for t in times) + " |")
-        lines.append("")
-    scalar_names = sorted({k for data in models.values() for k, v in data["summary"].items()
-                           if k != "windowed" and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if scalar_names:
-        lines += ["| model | " + " | ".join(scalar_names) + " |", "|---|" + "---|" * len(scalar_names)]
-        for model, data in models.items():
-            values = [data["summary"].get(k) for k in scalar_names]
-            lines.append(f"| {model} | " + " | ".join("–" if v is None else f"{v:.3g}" for v in values) + " |")
-    return "\n".join(lines)
+def run_pipeline_seeds(cfg: DemoConfig, seeds: list[int]) -> Path:
+    """The whole pipeline once per seed into ``<out>/seed_<k>``, then ``<out>/claim.md``."""
+    from cf.demo_report import claim_table
 
-
-def write_report(out: Path, results: dict, log: list, elapsed: float, videos: dict[str, Path]) -> Path:
-    lines = ["# Context Forcing toy demo", "",
-             f"Whole pipeline: {elapsed / 60:.1f} min on this machine ({os.cpu_count()} CPU cores).", "",
-             "## Stages", "", "| stage | seconds | command |", "|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['seconds']} | `{s['command']}` |" for s in log]
-    lines += ["", "## Metrics on held-out prompts", "",
-              "Ground-truth-free pixel metrics (cf.evaluation.ground_truth.reference_free_metrics): identity colours "
-              "and background of each video's first seconds, tracked over time; `–` = beyond the video.", "",
-              markdown_tables(results), "",
-              "## Plots", ""]
-    for png in sorted((out / "evaluation").glob("*.png")):
-        lines.append(f"![{png.stem}](evaluation/{png.name})")
-    lines += ["", "## Videos", ""]
-    for name, folder in videos.items():
-        lines.append(f"- {name}: " + ", ".join(f"[{p.name}](videos/{folder.name}/{p.name})"
-                                              for p in sorted(folder.glob("*.mp4"))))
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    root = Path(cfg.out)
+    runs = {}
+    for seed in seeds:
+        one = DemoConfig(**{**asdict(cfg), "out": str(root / f"seed_{seed}"), "seed": seed})
+        run_demo(one)
+        runs[seed] = json.loads((root / f"seed_{seed}" / "summary.json").read_text())["models"]
+    models = [m for m in ("dataset", *MODELS) if any(m in r for r in runs.values())]
+    claim = root / "claim.md"
+    claim.write_text("# The claim over seeds of the whole pipeline\n\n" + claim_table(runs, models) + "\n")
+    print(f"\nclaim: {claim}")
+    return claim
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = DemoConfig(out=args.out, num_clips=args.num_clips, teacher_steps=args.teacher_steps,
-                     stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, seconds=args.seconds,
-                     num_prompts=args.num_prompts, seeds=args.seeds, fresh=args.fresh)
+                     stage0_steps=args.stage0_steps, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, ablation=not args.no_ablation,
+                     seconds=args.seconds, num_prompt_clips=args.num_prompt_clips, seed=args.seed, base=args.base,
+                     fresh=args.fresh)
     if args.quick:
         cfg.num_clips, cfg.num_val_clips, cfg.teacher_steps = 24, 4, 20
-        cfg.stage1_steps = cfg.stage2_steps = 6
-        cfg.seconds, cfg.num_prompts, cfg.seeds = 10.0, 2, 1
-    run_demo(cfg)
+        cfg.stage0_steps = cfg.stage1_steps = cfg.stage2_steps = 6
+        cfg.seconds, cfg.num_prompt_clips, cfg.teacher_eval_clips = 10.0, 1, 2
+    if args.pipeline_seeds:
+        run_pipeline_seeds(cfg, args.pipeline_seeds)
+    else:
+        run_demo(cfg)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="run the whole toy pipeline on a CPU and write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = DemoConfig()
-    p.add_argument("--out", default=defaults.out)
-    p.add_argument("--num-clips", type=int, default=defaults.num_clips)
-    p.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps)
-    p.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps)
-    p.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps)
+    p.add_argument("--out", default=defaults.out, help="output folder (default runs/demo)")
+    p.add_argument("--num-clips", type=int, default=defaults.num_clips, help="training clips to synthesise")
+    p.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps, help="ERFT steps of the teacher")
+    p.add_argument("--stage0-steps", type=int, default=defaults.stage0_steps, help="steps of the ODE regression")
+    p.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps, help="critic steps of stage 1")
+    p.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps,
+                   help="critic steps of each stage-2 run (Context Forcing, baseline, ablation)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the stage 2 without contextual DMD")
     p.add_argument("--seconds", type=float, default=defaults.seconds, help="length of the generated videos")
-    p.add_argument("--num-prompts", type=int, default=defaults.num_prompts)
-    p.add_argument("--seeds", type=int, default=defaults.seeds)
+    p.add_argument("--num-prompt-clips", type=int, default=defaults.num_prompt_clips,
+                   help="held-out clips to generate for (each gives a named and an unnamed prompt)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="training and generation seed of every stage")
+    p.add_argument("--pipeline-seeds", type=int, nargs="+", default=None,
+                   help="run the whole pipeline once per seed into <out>/seed_<k> and write <out>/claim.md")
+    p.add_argument("--base", default=defaults.base, help="toy base weights (default: the shipped configs/toy/base)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the pipeline in minutes")
     p.set_defaults(func=run)

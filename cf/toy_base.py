@@ -224,7 +224,7 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
     """Dataset -> training -> export -> measurement (or only the measurement); returns what base.json records."""
     from callbacks.ema import EMA
     from cf.convert import export_teacher, write_state_dict
-    from cf.demo import _newest, _run, shard_urls
+    from cf.stage_runner import newest_file, run_stage, shard_urls
 
     out, weights = Path(cfg.out).resolve(), Path(cfg.weights).resolve()
     data = out / "data"
@@ -233,7 +233,7 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log: list[dict] = []
     if not (data / "val" / "prompts.txt").exists():
-        _run(cf + ["data", "synth", "--out", str(data), "--num-clips", str(cfg.num_clips), "--val-clips",
+        run_stage(cf + ["data", "synth", "--out", str(data), "--num-clips", str(cfg.num_clips), "--val-clips",
                    str(cfg.val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction), "--seed", str(cfg.seed)],
              env, log, "dataset")
     record: dict[str, Any] = json.loads((weights / "base.json").read_text()) if (weights / "base.json").is_file() \
@@ -246,9 +246,9 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
             fit += ["--trainer.max_steps", str(cfg.max_steps)]
         if cfg.resume:  # an interrupted training continues from its newest last.ckpt; the time before is kept
             fit += ["--ckpt_path", "last"]
-        seconds = _run(fit, env, log, "train the base") + (record.get("train_wall_seconds", 0.0) if cfg.resume
+        seconds = run_stage(fit, env, log, "train the base") + (record.get("train_wall_seconds", 0.0) if cfg.resume
                                                                else 0.0)
-        checkpoint = _newest("toy_base/version_*/checkpoints/last.ckpt", out / "logs")
+        checkpoint = newest_file("toy_base/version_*/checkpoints/last.ckpt", out / "logs")
         export_teacher(checkpoint, weights / WEIGHTS_NAME)  # config.json (WanConfig) and the training weights
         write_state_dict(EMA.read_ema_weights(checkpoint, attribute="network"), weights / WEIGHTS_NAME)
         defaults = asdict(ToyBaseConfig())

@@ -20,11 +20,11 @@ from data.ode_pairs import ODEPairConfig, write_ode_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = WanConfig.tiny()
-TOY_NETWORK = WanConfig(dim=96, ffn_dim=256, freq_dim=32, text_dim=32, text_len=8, in_dim=4, out_dim=4, num_heads=2,
-                        num_layers=3)
-# CLI overrides that shrink the toy runs to a few seconds: the tiny DiT, 4x4 latents, a few steps
-SHRINK = ["--model.init_args.network.dim=64", "--model.init_args.network.ffn_dim=128",
-          "--model.init_args.network.num_layers=2", "--model.init_args.latent_size=[4, 4]",
+TOY_NETWORK = WanConfig.toy_base()
+# CLI overrides that shrink the toy runs to a few seconds: the tiny DiT (with the toy configs' 16 text tokens), 4x4
+# latents, a few steps
+SHRINK = ['--model.init_args.network={"dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "text_len": 16, '
+          '"in_dim": 4, "out_dim": 4, "num_heads": 2, "num_layers": 2}', "--model.init_args.latent_size=[4, 4]",
           "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
           "--trainer.enable_progress_bar=false"]
 
@@ -80,7 +80,7 @@ def test_toy_configs_run_stage0_to_stage2(toy_env):
     metrics = stage1.trainer.logged_metrics
     for key in ("train/generator_loss", "train/critic_loss", "train/dmd_gradient_abs_mean"):
         assert math.isfinite(float(metrics[key])), key
-    assert float(metrics["train/generator_rollout_frames"]) == 21
+    assert float(metrics["train/generator_rollout_frames"]) == 6
     assert len(model.validation_videos) == 2
     assert list(Path(stage1.trainer.log_dir, "videos").glob("*.mp4"))  # the VideoLogger wrote the validation video
     assert toy_env["CF_STUDENT_STAGE1"].is_file()
@@ -115,16 +115,17 @@ def test_toy_configs_instantiate_with_their_own_sizes(toy_env, name):
     assert model.hparams.latent_size == [8, 8]
     if name == "student_stage0":
         assert model.hparams.local_window_frames is None  # §I.20
-        assert model.timesteps.tolist() == pytest.approx([1000.0, 937.5, 833.33, 625.0], abs=0.01)
+        assert model.timesteps.tolist() == pytest.approx([1000.0, 750.0, 500.0, 250.0])  # the toy base's shift 1
         return
     assert model.memory_config.sink == 3 and model.memory_config.slow == 12 and model.memory_config.fast == 6
     assert model.memory_config.rope_length == 21
     rollout = model.rollout_config
     if name == "student_stage1":
-        assert (rollout.min_blocks, rollout.max_blocks, model.window.context_frames) == (7, 7, 0)
+        assert (rollout.min_blocks, rollout.max_blocks, model.window.context_frames) == (2, 2, 0)
+        assert model.window.target_frames == 6  # the toy teacher's target length
     else:
-        assert (rollout.min_blocks * 3, rollout.max_blocks * 3) == (42, 51)
-        assert (model.window.context_frames, model.window.target_frames) == (21, 21)
+        assert (rollout.min_blocks * 3, rollout.max_blocks * 3) == (27, 36)
+        assert (model.window.context_frames, model.window.target_frames) == (21, 6)
     model.configure_model()  # builds and loads the networks at the toy size
     assert model.generator.config == TOY_NETWORK
 

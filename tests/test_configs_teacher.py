@@ -48,13 +48,13 @@ def test_toy_config_instantiates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     cli = parse(TOY)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     assert isinstance(model, TeacherERFT) and isinstance(data, VideoDataModule)
-    assert model.network_config == WanConfig(dim=96, ffn_dim=256, freq_dim=32, text_dim=32, text_len=8, in_dim=4,
-                                             out_dim=4, num_heads=2, num_layers=3)
+    assert model.network_config == WanConfig.toy_base()
+    assert model.hparams.init_weights == "configs/toy/base/base.safetensors"  # fine-tuned from the shipped base
     assert model.long_layout_config == LongLayoutConfig(3, 6, 6, 48, 96, 2)
-    assert model.hparams.layout == "long" and model.hparams.autoencoder == "toy"
+    assert model.hparams.layout == "batch" and model.hparams.autoencoder == "toy"
     assert data.train_urls == f"{tmp_path}/data/train/shard-{{000000..000003}}.tar"
-    assert data.train_config.num_frames == 157 and data.train_config.height == 64
-    assert trainer.gradient_clip_val == 1.0 and trainer.max_steps == 400
+    assert data.train_config.num_frames is None and data.train_config.height == 64
+    assert trainer.gradient_clip_val == 1.0 and trainer.max_steps == 600
     assert any(isinstance(c, SkippedSamplesLogger) for c in trainer.callbacks)
     assert any(isinstance(c, VideoLogger) for c in trainer.callbacks)
     assert isinstance(trainer.logger, pl.loggers.TensorBoardLogger)
@@ -107,6 +107,7 @@ def test_wan_config_strategy_instantiates() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 STUDENT_WAN = {stage: REPO / "configs" / "wan1.3b" / f"student_stage{stage}.yaml" for stage in (1, 2)}
+STUDENT_TOY = {stage: REPO / "configs" / "toy" / f"student_stage{stage}.yaml" for stage in (1, 2)}
 
 
 def signature(kind: str, layout: TeacherLayout) -> tuple[str, int, tuple[int, int], int]:
@@ -143,7 +144,7 @@ def trained_teacher_inputs(cli: LightningCLI) -> set[tuple]:
     return seen
 
 
-def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple:
+def student_teacher_call(config: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple:
     """What the stage's YAML asks the teacher (real score) to score: the window `teacher_window` cuts from its longest
     rollout, with the context only when ``window.context_teacher`` is on; the sequence is ``[context | target]``."""
     monkeypatch.chdir(REPO)
@@ -155,7 +156,7 @@ def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: 
     (tmp_path / "wan").mkdir(exist_ok=True)
     monkeypatch.setenv("CF_WAN", str(tmp_path / "wan"))
     monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
-    model = parse(STUDENT_WAN[stage], "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+    model = parse(config, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                   "--trainer.strategy", "auto").model
     hp, window = model.hparams, model.window
     assert window.source == "contiguous", "only the contiguous teacher context maps to the dense layout"
@@ -170,13 +171,28 @@ def student_teacher_call(stage: int, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_wan_teacher_is_trained_on_what_the_student_stages_score(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
     trained = trained_teacher_inputs(wan_teacher(monkeypatch, tmp_path))
-    stage1 = student_teacher_call(1, monkeypatch, tmp_path)
-    stage2 = student_teacher_call(2, monkeypatch, tmp_path)
+    stage1 = student_teacher_call(STUDENT_WAN[1], monkeypatch, tmp_path)
+    stage2 = student_teacher_call(STUDENT_WAN[2], monkeypatch, tmp_path)
     assert stage1 == ("dense", 21, (0, 20), 0)  # §F.2: stage 1 scores 21 frames without context
     assert stage2 == ("dense", 42, (0, 41), 21)  # §F.5: [21 context | 21 target], positions 0…41
     assert {stage1, stage2} <= trained
     # and §E.2's long layout with every sparse count 2…12: [3 | k | 6 | 21]
     assert {s for s in trained if s[0] == "long"} == {("long", 30 + k, (0, 29 + k), 9 + k) for k in range(2, 13)}
+
+
+def test_toy_teacher_is_trained_on_what_the_toy_student_stages_score(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setenv("CF_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CF_DATA", str(tmp_path / "data"))
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    (tmp_path / "data" / "val" / "prompts.txt").write_text("a red circle\n")  # the stage-2 evaluation callback's
+    trained = trained_teacher_inputs(parse(TOY))
+    stage1 = student_teacher_call(STUDENT_TOY[1], monkeypatch, tmp_path)
+    stage2 = student_teacher_call(STUDENT_TOY[2], monkeypatch, tmp_path)
+    assert stage1 == ("dense", 6, (0, 5), 0)  # the toy base's clip length, no context
+    assert stage2 == ("dense", 27, (0, 26), 21)  # [21 context | 6 target]
+    assert {stage1, stage2} <= trained
+    assert {s for s in trained if s[0] == "long"} == {("long", 17, (0, 16), 11)}  # [3 | 2 | 6 | 6]
 
 
 def numbered_video_sample(key: str, seconds: float) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The README's main command, in its quick form: the whole toy pipeline runs and writes a complete report."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_report_with_tables_plots_and_videos(tmp_path):
+def test_quick_demo_writes_report_with_tables_strips_plots_and_videos(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "cf", "demo", "--quick", "--out", str(out)],
                             capture_output=True, text=True, timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -16,12 +17,18 @@ def test_quick_demo_writes_report_with_tables_plots_and_videos(tmp_path):
     report = out / "report.md"
     assert f"report: {report}" in result.stdout
     text = report.read_text()
-    assert "| model |" in text and "identity_presence" in text
-    plots = sorted((out / "evaluation").glob("*.png"))
-    assert plots and all(f"evaluation/{p.name}" in text for p in plots)
-    for folder in ("context_forcing", "sliding"):
-        videos = sorted((out / "videos" / folder).glob("*.mp4"))
-        assert len(videos) == 2 and all(v.name in text for v in videos)
-    for weights in ("teacher/teacher.safetensors", "student_stage1/generator.safetensors",
-                    "student_stage2/generator.safetensors", "baseline_stage2/generator.safetensors"):
+    assert "| model | videos | background / dataset |" in text
+    assert "before and after ERFT" in text and "| base |" in text and "| teacher |" in text
+    for png in [*(out / "plots").glob("*.png"), *(out / "strips").glob("*.png")]:
+        assert png.relative_to(out).as_posix() in text
+    assert {p.stem for p in (out / "strips").glob("*.png")} == {"dataset", "context_forcing", "sliding_window",
+                                                               "no_contextual_dmd"}
+    for model in ("context_forcing", "sliding_window", "no_contextual_dmd"):
+        videos = sorted((out / "videos" / model).glob("*.mp4"))
+        assert [v.stem for v in videos] == ["c00_named", "c00_unnamed"] and all(v.name in text for v in videos)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["dataset"]["named_background_ratio"] == pytest.approx(1.0)
+    for weights in ("teacher/teacher.safetensors", "student_stage0/generator.safetensors",
+                    "student_stage1/generator.safetensors", "student_stage2/generator.safetensors",
+                    "baseline_stage2/generator.safetensors"):
         assert (out / weights).exists(), weights

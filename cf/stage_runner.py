@@ -1,0 +1,79 @@
+"""Running the stages of a pipeline (`cf demo`, `cf toy-base`) as subprocesses: each stage is a `cf ...` command
+that can also be run by hand, printed before it starts and logged with its wall time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+
+
+def run_stage(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -> float:
+    """Run ``cmd`` with ``env`` added to the environment (raises CalledProcessError if it fails); append
+    ``{"stage", "seconds", "command"}`` to ``log`` and return the seconds it took."""
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, **env}, check=True)
+    seconds = time.perf_counter() - start
+    log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
+    print(f"=== {name} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def shard_urls(folder: Path) -> str:
+    """Brace notation covering the `shard-NNNNNN.tar` files of a split folder."""
+    shards = sorted(folder.glob("shard-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no shard-*.tar in {folder}; run `cf data synth --out {folder.parent}` first")
+    first, last = shards[0].stem.split("-")[1], shards[-1].stem.split("-")[1]
+    return str(folder / (f"shard-{first}.tar" if first == last else f"shard-{{{first}..{last}}}.tar"))
+
+
+def newest_file(pattern: str, root: Path) -> Path:
+    """The most recently modified path matching ``root/pattern`` (e.g. a run's ``last.ckpt``)."""
+    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"nothing matches {root}/{pattern}; did the previous stage finish?")
+    return found[-1]
+
+
+def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], log: list[dict],
+                        workers: int = 2) -> None:
+    """Run independent stages ``[(cmd, name), ...]``, ``workers`` at a time (e.g. single-threaded processes, one
+    per core). Each stage's output goes to a log file named after it in ``env["CF_RUNS"]`` (default: the current
+    folder); a line is printed when a stage starts and when it ends. Raises CalledProcessError for the first stage
+    that fails, once the stages already running have ended (no new one starts)."""
+    logs_dir = Path(env.get("CF_RUNS", "."))
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    pending = list(jobs)
+    running: list[tuple[subprocess.Popen, str, list[str], float, object]] = []
+    failed: subprocess.CalledProcessError | None = None
+    while pending or running:
+        while pending and len(running) < workers and failed is None:
+            cmd, name = pending.pop(0)
+            path = logs_dir / (name.split(" (")[0].replace(" ", "_") + ".log")
+            print(f"\n=== {name} (output: {path}): {' '.join(cmd)}", flush=True)
+            handle = open(path, "w")
+            proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
+            running.append((proc, name, cmd, time.perf_counter(), handle))
+        if failed is not None:
+            pending.clear()
+        for entry in list(running):
+            proc, name, cmd, start, handle = entry
+            if proc.poll() is None:
+                continue
+            handle.close()
+            running.remove(entry)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0:
+                failed = failed or subprocess.CalledProcessError(proc.returncode, cmd)
+                print(f"=== {name} FAILED (exit {proc.returncode}) after {seconds:.0f} s", flush=True)
+                continue
+            log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
+            print(f"=== {name} done in {seconds:.0f} s", flush=True)
+        time.sleep(1.0)
+    if failed is not None:
+        raise failed
