@@ -254,7 +254,8 @@ def run_pipeline_seeds(cfg: DemoConfig, seeds: list[int]) -> Path:
 
 def run(args: argparse.Namespace) -> None:
     cfg = DemoConfig(out=args.out, num_clips=args.num_clips, teacher_steps=args.teacher_steps,
-                     stage0_steps=args.stage0_steps, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, ablation=not args.no_ablation,
+                     stage0_steps=args.stage0_steps, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                     ablation=not args.no_ablation,
                      seconds=args.seconds, num_prompt_clips=args.num_prompt_clips, seed=args.seed, base=args.base,
                      fresh=args.fresh)
     if args.quick:

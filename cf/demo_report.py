@@ -11,7 +11,10 @@ pixels against the clip's ground truth:
   as the drift of the background's mean colour from the first second (`cf.evaluation.ground_truth.
   reference_free_metrics`, RGB distance, sprites' colours excluded), per 10 s window; and the sprites' colours after
   re-entry (`cf.evaluation.reentry.reentry_consistency`: the fraction of a returning sprite's pixels in the colour it
-  had in the first second, next to the same fraction before the first exit).
+  had in the first second, next to the same fraction before the first exit);
+- **flashbacks** (all prompts): sudden returns towards the first frame after a decline (`cf.evaluation.flashback.
+  detect_flashbacks` on the pixel similarity to the first frame, `cf.evaluation.metrics.
+  pixel_similarity_to_first_frame`), per minute of video.
 
 `summarize_models` averages per model; `write_report` writes the markdown report with tables, metric-vs-time plots
 and a frame strip per model (rows: prompts; columns: frames spread over the minute); `claim_table` compares models
@@ -88,7 +91,11 @@ def _windowed(curve: Sequence[float] | None, fps: float, seconds: float) -> list
 def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str, Any]:
     """Scores of one video (uint8 ``[T, H, W, 3]``) for its prompt: prompt fidelity (named prompts only; per 10 s
     window too) and re-entry consistency."""
+    import torch
+
+    from cf.evaluation.flashback import detect_flashbacks
     from cf.evaluation.ground_truth import reference_free_metrics
+    from cf.evaluation.metrics import pixel_similarity_to_first_frame
     from cf.evaluation.prompted import prompt_fidelity
     from cf.evaluation.reentry import reentry_consistency
 
@@ -105,6 +112,8 @@ def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str,
     result["background_drift_windows"] = _windowed(drift, fps, WINDOW_S)
     late = np.asarray(drift[round(WINDOW_S * fps):], dtype=float)
     result["background_drift_late"] = float(np.nanmean(late)) if np.isfinite(late).any() else None
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    result["flashbacks"] = len(detect_flashbacks(pixel_similarity_to_first_frame(pixels), fps))
     reentry = reentry_consistency(frames, fps)
     result["reentry"] = {k: reentry[k] for k in ("num_exits", "num_reentries", "explained_before_exit",
                                                   "explained_after_reentry", "explained_per_second",
@@ -142,6 +151,8 @@ def summarize_models(scores: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[
             "unnamed_explained_before_exit": _mean([r["reentry"]["explained_before_exit"] for r in unnamed]),
             "unnamed_reentries": int(sum(r["reentry"]["num_reentries"] for r in unnamed)),
             "unnamed_exits": int(sum(r["reentry"]["num_exits"] for r in unnamed)),
+            "flashbacks_per_minute": (60.0 * sum(r.get("flashbacks", 0) for r in rows)
+                                      / max(sum(r.get("seconds", 0.0) for r in rows), 1e-9)) if rows else None,
             "named_explained_after_reentry": _mean([r["reentry"]["explained_after_reentry"] for r in named]),
             "unnamed_explained_per_second": _window_means(
                 [{"c": r["reentry"]["explained_per_second"]} for r in unnamed], "c"),
@@ -225,13 +236,14 @@ def write_report(out: Path, summary: Mapping[str, Mapping[str, Any]], strips: Ma
              "(10-30 s), scored the same way.", "",
              "## Prompted and unprompted attributes over the whole video", "",
              "| model | videos | background / dataset | named sprites / dataset | unprompted background drift "
-             "after 10 s | unprompted colours after re-entry | before the first exit | re-entries / exits (unnamed) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "after 10 s | unprompted colours after re-entry | before the first exit | re-entries / exits (unnamed) "
+             "| flashbacks / min |", "|---|---|---|---|---|---|---|---|---|"]
     for model, s in summary.items():
         lines.append(f"| {model} | {s['videos']} | {_fmt(s['named_background_ratio'])} "
                      f"({_fmt(s['named_background'])}) | {_fmt(s['named_sprite_ratio'])} ({_fmt(s['named_sprite'])})"
-                     f" | {_fmt(s['unnamed_background_drift_late'], 1)} | {_fmt(s['unnamed_explained_after_reentry'])} | {_fmt(s['unnamed_explained_before_exit'])}"
-                     f" | {s['unnamed_reentries']} / {s['unnamed_exits']} |")
+                     f" | {_fmt(s['unnamed_background_drift_late'], 1)} | {_fmt(s['unnamed_explained_after_reentry'])}"
+                     f" | {_fmt(s['unnamed_explained_before_exit'])}"
+                     f" | {s['unnamed_reentries']} / {s['unnamed_exits']} | {_fmt(s['flashbacks_per_minute'], 1)} |")
     for key, label in (("named_background_windows", "background coverage (named prompts)"),
                        ("named_sprite_windows", "named-sprite presence (named prompts)"),
                        ("unnamed_background_drift_windows", "background colour drift from the first second, RGB "
@@ -271,7 +283,8 @@ def write_report(out: Path, summary: Mapping[str, Mapping[str, Any]], strips: Ma
     lines += [f"| {s['stage']} | {s['seconds']} | `{s['command']}` |" for s in stages]
     lines += ["", "## Videos", ""]
     for name, folder in videos.items():
-        lines.append(f"- {name}: " + ", ".join(f"[{p.name}]({p.relative_to(out)})" for p in sorted(folder.glob("*.mp4"))))
+        links = [f"[{p.name}]({p.relative_to(out)})" for p in sorted(folder.glob("*.mp4"))]
+        lines.append(f"- {name}: " + ", ".join(links))
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({"models": summary, "teacher": teacher, "stages": list(stages),

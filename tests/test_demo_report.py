@@ -88,3 +88,16 @@ def test_the_worlds_own_clip_scores_at_the_top_and_a_recoloured_one_drifts() -> 
     moved = score_video(shifted, DemoPrompt(0, "unnamed", caption_for(spec, False), all_attributes(spec), "x"), 16)
     assert moved["background_drift_late"] > 60  # every background pixel moved by (60, 60, 60): about 104 in RGB
     assert "background_coverage" not in moved  # unnamed prompts name no colour
+
+
+def test_a_reset_to_the_first_frames_counts_as_one_flashback() -> None:
+    spec = make_clip_spec(11, min_seconds=12, max_seconds=12)
+    frames = render_clip(spec)
+    prompt = DemoPrompt(0, "named", caption_for(spec), all_attributes(spec), "c00_named")
+    assert score_video(frames, prompt, fps=16)["flashbacks"] == 0  # sprites wander; nothing resets
+    reset = frames.copy().astype(int)
+    ramp = np.linspace(0, 90, 16 * 4)[:, None, None, None]  # 2-6 s: the picture brightens steadily ...
+    reset[32:96] = reset[32:96] + ramp
+    reset[96:] = frames[:len(frames) - 96]  # ... and at 6 s the video jumps back to its first frames
+    result = score_video(np.clip(reset, 0, 255).astype(np.uint8), prompt, fps=16)
+    assert result["flashbacks"] == 1

@@ -76,7 +76,8 @@ def continuation_quality(network, autoencoder, text_encoder, clips: Sequence[Map
         gt = all_attributes(clip["gt"])
         score, reference = prompt_fidelity(generated, gt), prompt_fidelity(truth, gt)
         named = set(clip["gt"].get("caption", {}).get("names", ["background_color", "sprite_colors"]))
-        rows.append({"caption": clip["caption"], "caption_names_colours": {"background_color", "sprite_colors"} <= named,
+        names_colours = {"background_color", "sprite_colors"} <= named
+        rows.append({"caption": clip["caption"], "caption_names_colours": names_colours,
                      "psnr_db": continuation_psnr(generated, truth),
                      "background_coverage": score["background_coverage"], "sprite_presence": score["sprite_presence"],
                      "truth_background_coverage": reference["background_coverage"],
