@@ -477,6 +477,22 @@ def identity_colours(frames: Tensor | np.ndarray, background: Tensor, min_contra
     return torch.stack(found) if found else torch.zeros(0, 3)
 
 
+def reference_identities(frames: Tensor | np.ndarray, fps: float, reference_s: float, background_s: float,
+                         min_contrast: float = 40.0,
+                         matching: ColourMatching = ColourMatching()) -> tuple[int, int, Tensor, Tensor]:
+    """What a video starts with: ``(num_reference, num_background, background [H, W, 3], identities [K, 3])`` —
+    the frames of its first ``reference_s`` and ``background_s`` seconds, the per-pixel median background of the
+    latter (`estimate_background`) and the sprite colours of the former (`identity_colours`)."""
+    num_frames = int(frames.shape[0])
+    if num_frames == 0:
+        raise ValueError("the video has no frames")
+    num_reference = max(1, min(num_frames, round(reference_s * fps)))
+    num_background = max(num_reference, min(num_frames, round(background_s * fps)))
+    background = estimate_background(frames[:num_background])
+    colours = identity_colours(frames[:num_reference], background, min_contrast=min_contrast, matching=matching)
+    return num_reference, num_background, background, colours
+
+
 def reference_free_metrics(frames: Tensor | np.ndarray, fps: float, reference_s: float = 1.0,
                            background_s: float = 4.0, timestamps: Sequence[float] = DEFAULT_TIMESTAMPS,
                            presence_threshold: float = 0.5, min_contrast: float = 40.0,
@@ -487,12 +503,8 @@ def reference_free_metrics(frames: Tensor | np.ndarray, fps: float, reference_s:
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     num_frames = int(frames.shape[0])
-    if num_frames == 0:
-        raise ValueError("the video has no frames")
-    num_reference = max(1, min(num_frames, round(reference_s * fps)))
-    num_background = max(num_reference, min(num_frames, round(background_s * fps)))
-    background = estimate_background(frames[:num_background])
-    colours = identity_colours(frames[:num_reference], background, min_contrast=min_contrast, matching=matching)
+    num_reference, num_background, background, colours = reference_identities(frames, fps, reference_s,
+                                                                              background_s, min_contrast, matching)
     stats = _frame_statistics(frames, colours, background, matching)
     reference_mass = stats.mass[:num_reference].mean(0)  # [K]
     ratio = stats.mass / reference_mass.clamp(min=1e-6)  # [T, K]

@@ -69,9 +69,8 @@ from torch import Tensor
 from cf.evaluation.ground_truth import (
     ColourMatching,
     colour_mass_map,
-    estimate_background,
     frames_to_rgb255,
-    identity_colours,
+    reference_identities,
     unmix,
 )
 
@@ -255,12 +254,8 @@ def reentry_consistency(frames: Tensor | np.ndarray, fps: float, reference_s: fl
         raise ValueError(f"reference_s, min_gap_s and window_s must be positive, got {reference_s}, {min_gap_s}, "
                          f"{window_s}")
     num_frames = int(frames.shape[0])
-    if num_frames == 0:
-        raise ValueError("the video has no frames")
-    num_reference = max(1, min(num_frames, round(reference_s * fps)))
-    num_background = max(num_reference, min(num_frames, round(background_s * fps)))
-    background = estimate_background(frames[:num_background])
-    identities = identity_colours(frames[:num_reference], background, min_contrast=min_contrast, matching=matching)
+    num_reference, num_background, background, identities = reference_identities(
+        frames, fps, reference_s, background_s, min_contrast, matching)
     palette = background_palette(background, identities, matching, palette_size, palette_tolerance)
     typical = background.reshape(-1, 3).median(dim=0).values
     cleaned = torch.where(sprite_remnants(background, identities, matching)[..., None], typical, background)
