@@ -8,6 +8,7 @@ with a clear message when the run has none, instead of silently starting over.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,25 @@ class ProjectCLI(LightningCLI):
 
 
 def run_lightning_cli(args: list[str], run: bool = True) -> ProjectCLI:
-    """`cf fit|validate|test|predict ...` (subclass mode for model and data, omegaconf interpolation in YAML)."""
-    return ProjectCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    """`cf fit|validate|test|predict ...` (subclass mode for model and data, omegaconf interpolation in YAML).
+
+    ``args`` are handed to LightningCLI as the command line: ``sys.argv[1:]`` is set to them while it runs (and
+    restored after), so the CLI reads one consistent command line, and a launcher that restarts this script on
+    other ranks (``sys.argv``) passes them the same arguments.
+    """
+    saved = sys.argv
+    sys.argv = [*saved[:1], *args] if saved else ["cf", *args]
+    try:
+        return ProjectCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=None,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved

@@ -161,11 +161,11 @@ def run_ode_pairs(args: argparse.Namespace) -> None:
     if not weights.exists():
         raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
                                 "(`cf convert teacher` output) or Wan2.1 weights")
+    prompts = read_prompt_file(args.prompts)[: args.limit]
     teacher = WanDiT(WanConfig(**_teacher_config(weights, args.network)))
     load_wan_weights(teacher, weights)
     teacher = teacher.to(resolve_dtype(args.dtype)).requires_grad_(False)
     text_encoder = build_text_encoder(args.text_encoder, dtype=args.dtype, **args.text_encoder_args)
-    prompts = read_prompt_file(args.prompts)[: args.limit]
     config = ODEPairConfig(num_frames=args.num_frames, latent_size=tuple(args.latent_size), num_steps=args.num_steps,
                            shift=args.shift, guidance_scale=args.guidance, stored_steps=tuple(args.stored_steps),
                            negative_prompt=args.negative_prompt)

@@ -397,8 +397,12 @@ class ShardStream(_EpochAware, IterableDataset):
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts of a text file, one per line; blank lines are ignored."""
-    with open(path, encoding="utf-8") as handle:
-        prompts = [line.strip() for line in handle]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file {path} does not exist; pass a text file with one prompt per line "
+                                "(`cf data synth` writes <out>/<split>/prompts.txt)") from None
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts (expected one prompt per line)")
