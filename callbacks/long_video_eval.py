@@ -49,6 +49,7 @@ from callbacks.video_logger import log_video
 from cf.evaluation.metrics import VBenchConsistency, WindowedScore
 from cf.evaluation.report import EvaluationConfig, evaluate_video
 from cf.generate import latent_frames_for
+from cf.lit.student import find_started_ema
 from cf.memory import MemoryConfig
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import encode_mp4, to_uint8_frames
@@ -108,16 +109,6 @@ def resolve_memory(memory: str | Mapping[str, Any], frames_per_chunk: int) -> Me
     except TypeError as error:
         raise ValueError(f"memory override {dict(memory)}: {error}; give a preset name (slow_fast, sliding, "
                          "self_forcing, full, released_code) or MemoryConfig fields") from error
-
-
-def find_started_ema(trainer: pl.Trainer, attribute: str = "generator") -> Any | None:
-    """The trainer's `callbacks.ema.EMA` on ``attribute`` whose shadow exists, else None."""
-    from callbacks.ema import EMA
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, EMA) and callback.attribute == attribute and callback.started:
-            return callback
-    return None
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ from cf.rollout import (
 from cf.weights import normalize_state_dict, read_state_dict
 from cf.zero import gathered_parameters, load_network_weights, rank_and_world
 
-__all__ = ["CDMDStudent", "NEGATIVE_PROMPT"]
+__all__ = ["CDMDStudent", "NEGATIVE_PROMPT", "find_started_ema"]
 
 # The English negative prompt of the CF stage configs (§F.2); used for the teacher's CFG only.
 NEGATIVE_PROMPT = (
@@ -72,6 +72,16 @@ TEACHER_PREFIX = "real_score."
 # ----------------------------------------------------------------------------------------------------------------------
 # The LightningModule
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def find_started_ema(trainer: Any, attribute: str = "generator") -> Any | None:
+    """The trainer's EMA callback on ``attribute`` whose shadow exists (`callbacks.ema.EMA`, found by its interface:
+    ``attribute``, ``started``, ``ema_state_dict``), else None."""
+    for callback in trainer.callbacks:
+        if getattr(callback, "attribute", None) == attribute and getattr(callback, "started", False) \
+                and callable(getattr(callback, "ema_state_dict", None)):
+            return callback
+    return None
 
 
 class CDMDStudent(pl.LightningModule):
@@ -555,14 +565,7 @@ class CDMDStudent(pl.LightningModule):
         )
 
     def _ema_callback(self) -> Any | None:
-        """The started EMA callback on the generator (`callbacks.ema.EMA`, found by its interface), else None."""
-        if self._trainer is None:
-            return None
-        for callback in self._trainer.callbacks:
-            if getattr(callback, "attribute", None) == "generator" and getattr(callback, "started", False) \
-                    and callable(getattr(callback, "ema_state_dict", None)):
-                return callback
-        return None
+        return None if self._trainer is None else find_started_ema(self._trainer, "generator")
 
     def export_generator(self, path: str | os.PathLike, use_ema: bool = True,
                          dtype: torch.dtype | None = None) -> Path:
