@@ -32,6 +32,7 @@ from webdataset.utils import pytorch_worker_info
 from cf.diffusion import sampling_sigmas
 from cf.sampling import sample_flow
 from data.datamodule import check_shards_exist
+from data.pipeline import buffered_shuffle
 from data.shards import ShardSink, ShardWriteReport
 
 __all__ = [
@@ -255,36 +256,19 @@ class ODEPairStream(IterableDataset):
         rank, world, worker, workers = pytorch_worker_info()
         samples = tarfile_samples(self._shards(rank, world, worker, workers))
         rng = random.Random(f"{self.seed}-samples-{self.epoch}-{rank}-{worker}")
-        buffer: list[dict] = []
+        items = buffered_shuffle(map(self._decode, samples), self.shuffle_buffer, rng)
+        limit = None if self.batches_per_epoch is None else -(-self.batches_per_epoch // max(1, workers))
         pending: list[dict] = []
         produced = 0
-        limit = None if self.batches_per_epoch is None else -(-self.batches_per_epoch // max(1, workers))
-
-        def emit(item: dict) -> Iterator[dict]:
+        for item in items:
             pending.append(item)
-            if len(pending) == self.batch_size:
-                yield self._collate(pending)
-                pending.clear()
-
-        for sample in samples:
-            item = self._decode(sample)
-            if self.shuffle_buffer > 1:
-                buffer.append(item)
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                item = buffer.pop(rng.randrange(len(buffer)))
-            for batch in emit(item):
-                yield batch
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
-        rng.shuffle(buffer)
-        for item in buffer:
-            for batch in emit(item):
-                yield batch
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
+            if len(pending) < self.batch_size:
+                continue
+            yield self._collate(pending)
+            pending = []
+            produced += 1
+            if limit is not None and produced >= limit:
+                return
         if pending and not self.drop_last:
             yield self._collate(pending)
 

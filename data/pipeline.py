@@ -21,11 +21,10 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from webdataset.filters import _shuffle as shuffle_samples
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
@@ -42,6 +41,7 @@ __all__ = [
     "PromptFileStream",
     "EpochDataLoader",
     "read_prompt_file",
+    "buffered_shuffle",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,29 @@ class StreamConfig:
     seed: int = 0
     teacher_clips: TeacherClipMix | None = None
     shard_retry: ShardRetry = ShardRetry()
+
+
+T = TypeVar("T")
+
+
+def buffered_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """``items`` in a shuffled order, holding at most ``size`` of them: the first ``size`` fill a buffer, then each
+    new item takes the place of a uniformly drawn buffered one, which is yielded; at the end the rest of the buffer
+    comes out in a random order. An item moves at most ``size`` places earlier. ``size <= 1``: unchanged order.
+    The order is a function of the items and ``rng``'s state."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def _stream_seed(*parts: Any) -> str:
@@ -388,7 +411,7 @@ class ShardStream(_EpochAware, IterableDataset):
         samples = group_by_keys(tar_file_expander(streams, handler=counter.handler), handler=counter.handler)
         if cfg.shuffle_buffer > 1:
             rng = random.Random(_stream_seed(cfg.seed, "samples", epoch, rank, worker))
-            samples = shuffle_samples(samples, cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=rng)
+            samples = buffered_shuffle(samples, cfg.shuffle_buffer, rng)
         batches = self._batches(self._decode(samples, counter, epoch), counter)
         if cfg.batches_per_epoch is not None:
             batches = itertools.islice(batches, _worker_share(cfg.batches_per_epoch, worker, num_workers))
