@@ -7,6 +7,7 @@ The streaming :class:`Mp4Writer` also accepts generator output directly: float t
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 from dataclasses import dataclass
@@ -238,6 +239,15 @@ def _stream_fps(stream) -> Fraction | None:
     return None
 
 
+def _video_stream(container: av.container.InputContainer):
+    """The first video stream, decoded with frame threads; ValueError when the file has none."""
+    if not container.streams.video:
+        raise ValueError("no video stream in the file")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
 def probe_mp4(source: VideoSource) -> VideoInfo:
     """Frame count, fps and size without decoding pixels (counts demuxed packets when the header has no count)."""
     with _open_input(source) as container:
@@ -253,12 +263,68 @@ def probe_mp4(source: VideoSource) -> VideoInfo:
         return VideoInfo(num_frames=int(num_frames), fps=fps, height=stream.height, width=stream.width)
 
 
+class _SeekMiss(Exception):
+    """The seek-and-decode path met a frame it cannot place; decode from the first frame instead."""
+
+
+def _frame_table(container: av.container.InputContainer, stream) -> tuple[list[int], list[int]]:
+    """(pts of every frame in presentation order, indices of the keyframes among them), from the packets alone
+    (demuxed, not decoded). Raises `_SeekMiss` when a packet has no pts."""
+    pts, keyframe_pts = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's end-of-stream flush packet
+            continue
+        if packet.pts is None:
+            raise _SeekMiss("a packet without pts")
+        pts.append(int(packet.pts))
+        if packet.is_keyframe:
+            keyframe_pts.append(int(packet.pts))
+    pts.sort()
+    index_of = {p: i for i, p in enumerate(pts)}
+    return pts, sorted(index_of[p] for p in keyframe_pts)
+
+
+def _decode_by_seeking(container: av.container.InputContainer, stream, wanted: dict[int, np.ndarray | None]
+                       ) -> None:
+    """Fill ``wanted`` (frame index -> None) with the frames, decoding from the last keyframe at or before each
+    wanted frame whenever that keyframe lies beyond the frames decoded so far (PyAV seek, then decode forward).
+    Frames are placed by their pts in the packet table, so they are the frames a decode from frame 0 gives."""
+    pts, keyframes = _frame_table(container, stream)
+    index_of = {p: i for i, p in enumerate(pts)}
+    frames = None
+    position = -1  # index of the last frame decoded
+    for target in sorted(wanted):
+        if wanted[target] is not None:
+            continue
+        if target >= len(pts):
+            raise _SeekMiss("index beyond the packet table")
+        keyframe = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes and keyframes[0] <= target \
+            else 0
+        if frames is None or keyframe > position + 1:
+            container.seek(pts[keyframe], backward=True, any_frame=False, stream=stream)
+            frames = container.decode(stream)
+            position = -1
+        for frame in frames:
+            index = index_of.get(frame.pts)
+            if index is None:
+                raise _SeekMiss("a decoded frame whose pts is not in the packet table")
+            if index in wanted and wanted[index] is None:
+                wanted[index] = frame.to_ndarray(format="rgb24")
+            position = index
+            if index >= target:
+                break
+        if wanted[target] is None:  # the seek landed after the frame, or the decoder dropped it
+            raise _SeekMiss(f"frame {target} not reached after seeking")
+
+
 def decode_mp4(data: VideoSource, frame_indices: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
     """Decode mp4 bytes (or a path) to ``(frames uint8 [T, H, W, 3], fps)``.
 
     With ``frame_indices`` (indices into the decoded frame sequence, any order, repeats allowed) only those frames are
-    kept and decoding stops after the largest one, so a long video is never fully held in memory. Raises ValueError if
-    the stream ends before an index is reached (a truncated file) or holds no frames.
+    decoded and kept: a clip that starts late in a long video is reached by seeking to the keyframe before it (and
+    after a gap, to the keyframe before the next wanted frame) and decoding from there, never from frame 0; the
+    frames equal those of a full decode. Raises ValueError if the stream ends before an index is reached (a
+    truncated file) or holds no frames.
     """
     wanted: dict[int, np.ndarray] | None = None
     last = -1
@@ -269,21 +335,30 @@ def decode_mp4(data: VideoSource, frame_indices: Sequence[int] | None = None) ->
         if min(indices) < 0:
             raise ValueError(f"frame indices must be >= 0, got {min(indices)}")
         wanted, last = {i: None for i in indices}, max(indices)
+    targets = sorted(wanted or ())
+    seek = bool(targets) and not (targets[0] == 0 and targets[-1] == len(targets) - 1)  # not frames 0..n-1
+    if seek:
+        with _open_input(data) as container:
+            stream = _video_stream(container)
+            fps = _stream_fps(stream)
+            try:
+                _decode_by_seeking(container, stream, wanted)
+            except (_SeekMiss, av.error.FFmpegError):  # decode from frame 0 instead (a truncated file fails there)
+                wanted = {i: None for i in wanted}
+                seek = False
     frames: list[np.ndarray] = []
-    with _open_input(data) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream in the file")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = _stream_fps(stream)
-        for index, frame in enumerate(container.decode(stream)):
-            if wanted is None:
-                frames.append(frame.to_ndarray(format="rgb24"))
-                continue
-            if index in wanted:
-                wanted[index] = frame.to_ndarray(format="rgb24")
-            if index >= last:
-                break
+    if not seek:
+        with _open_input(data) as container:
+            stream = _video_stream(container)
+            fps = _stream_fps(stream)
+            for index, frame in enumerate(container.decode(stream)):
+                if wanted is None:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    continue
+                if index in wanted:
+                    wanted[index] = frame.to_ndarray(format="rgb24")
+                if index >= last:
+                    break
     if fps is None:
         raise ValueError("the video stream has no frame rate")
     if wanted is None:

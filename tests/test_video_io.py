@@ -167,3 +167,79 @@ def test_corrupt_and_truncated_bytes_raise():
         decode_mp4(b"this is not an mp4 file" * 10)
     with pytest.raises(Exception):
         decode_mp4(data[: len(data) // 2])
+
+
+def moving_frames(num_frames: int, height: int = 32, width: int = 48) -> np.ndarray:
+    """uint8 [T, H, W, 3]: gradients that move by a different step per channel, so every frame differs."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([np.stack([(5 * x + 3 * t) % 256, (7 * y + t) % 256, np.full_like(x, 11 * t % 256)], axis=-1)
+                     for t in range(num_frames)]).astype(np.uint8)
+
+
+class CountingContainer:
+    """A PyAV input container that counts the frames it decodes and the seeks it makes."""
+
+    def __init__(self, container) -> None:
+        self.container, self.decoded, self.seeks = container, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    def seek(self, offset, **kwargs) -> None:
+        self.seeks.append(offset)
+        self.container.seek(offset, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        for frame in self.container.decode(*args, **kwargs):
+            self.decoded += 1
+            yield frame
+
+
+def test_clip_late_in_a_long_video_is_reached_by_seeking(monkeypatch):
+    """600 H.264 frames (x264: keyframes every 250, B-frames, so decode order differs from display order): clips
+    that start late equal the same frames of a full decode, and are decoded from the keyframe before them."""
+    import cf.video_io as video_io
+
+    data = encode_mp4(moving_frames(600), fps=16)
+    full, _ = decode_mp4(data)
+    assert len(full) == 600
+    opened: list[CountingContainer] = []
+    open_input = video_io._open_input
+    monkeypatch.setattr(video_io, "_open_input", lambda source: opened.append(CountingContainer(open_input(source)))
+                        or opened[-1])
+    for start, length in [(400, 21), (250, 5), (249, 3), (590, 10), (1, 8)]:
+        opened.clear()
+        indices = list(range(start, start + length))
+        clip, fps = decode_mp4(data, indices)
+        assert fps == 16 and np.array_equal(clip, full[indices])
+        (container,) = opened  # one pass, no fall back to a decode from frame 0
+        keyframe = max(k for k in (0, 250, 500) if k <= start)
+        assert container.decoded <= start + length - keyframe + 3  # from the keyframe (+ the B-frame delay)
+    opened.clear()
+    scattered = [599, 2, 300, 300, 0, 301, 12]  # a teacher-clip layout: start frames, then frames far later
+    clip, _ = decode_mp4(data, scattered)
+    assert np.array_equal(clip, full[scattered])
+    assert len(opened[0].seeks) == 3 and opened[0].decoded <= 13 + 52 + 100 + 3  # frames 0-12, 250-301, 500-599
+
+
+def test_seeking_keeps_the_errors_of_short_and_truncated_videos():
+    data = encode_mp4(moving_frames(30), fps=16)
+    full, _ = decode_mp4(data)
+    assert np.array_equal(decode_mp4(data, [29, 10])[0], full[[29, 10]])
+    with pytest.raises(ValueError, match="ended before frame 30"):
+        decode_mp4(data, [5, 30])
+    with pytest.raises(Exception):
+        decode_mp4(data[: len(data) // 2], [20, 21])
+
+
+def test_lossless_videos_seek_straight_to_the_frame():
+    """Lossless mp4s store every frame as a PNG keyframe: the seek lands on the first wanted frame."""
+    frames = moving_frames(40, 16, 16)
+    data = encode_mp4(frames, fps=16, lossless=True)
+    assert np.array_equal(decode_mp4(data, [33, 30, 31])[0], frames[[33, 30, 31]])
