@@ -5,6 +5,10 @@ the DiT config, chunk size, the autoencoder and text encoder (names like "toy"/"
 latent size and fps. Latents are decoded as chunks arrive and appended to the mp4, so neither memory nor time per
 chunk grows with the length of the video (with a bounded memory preset).
 
+A video can change its prompt on the way (``--prompt-schedule``, `cf.prompt_schedule`; ``--recache`` re-caches the
+memory under the new prompt at each switch, `cf.recache`) and can continue given frames (``--init-video`` /
+``--init-image``, `cf.init_frames`): they start the mp4 exactly as given and fill the memory before generation.
+
 Each mp4 is written beside its final name and renamed when complete. Ctrl-C (SIGINT) or SIGTERM finishes the current
 chunk and closes the videos in progress as playable mp4s of the chunks done, says so, and exits with 128 + the
 signal number. Existing videos are never replaced without ``--overwrite``.
@@ -24,23 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cf.atomic import atomic_write_text
 from cf.encoders import build_autoencoder, build_text_encoder, resolve_dtype
 from cf.export import GeneratorSpec, is_training_checkpoint, read_generator_weights
+from cf.init_frames import encode_init_frames, read_init_frames
 from cf.models.wan import CausalWanDiT
+from cf.prompt_schedule import PromptSchedule, latent_frames_for, parse_prompt_schedule  # noqa: F401 (re-exported)
+from cf.recache import parse_regions
 from cf.rollout import SamplingConfig, stream
 from cf.video_io import Mp4Writer
 from cf.weights import NonFiniteWeightsError, check_finite_weights, load_into
-
-
-def latent_frames_for(seconds: float, fps: int, frames_per_chunk: int) -> int:
-    """Latent frames covering `seconds` of video (1 + 4(n−1) pixel frames), rounded up to whole chunks."""
-    pixel = max(1, round(seconds * fps))
-    latent = (pixel - 1 + 3) // 4 + 1
-    return math.ceil(latent / frames_per_chunk) * frames_per_chunk
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -130,11 +131,42 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def plan_video(spec: GeneratorSpec, item: str | PromptSchedule, seconds: float,
+               init_frames: np.ndarray | None = None) -> tuple[PromptSchedule, list[int], int]:
+    """(schedule, start latent frame of each segment, latent frames) of one video: a plain prompt lasts `seconds`,
+    a schedule the sum of its durations. ValueError naming the fix for a segment shorter than a chunk or a video
+    not longer than the given frames."""
+    schedule = item if isinstance(item, PromptSchedule) else PromptSchedule.single(item, seconds)
+    n = spec.frames_per_chunk
+    starts = schedule.start_frames(spec.fps, n)
+    num_frames = schedule.num_frames(spec.fps, n)
+    if init_frames is not None:
+        given = (len(init_frames) - 1) // 4 + 1
+        if num_frames <= given:
+            raise ValueError(f"the video ({schedule.seconds:g} s, {num_frames} latent frames) is not longer than the "
+                             f"given frames ({len(init_frames)} frames, {given} latent frames); ask for more seconds "
+                             "(they count from the start of the given frames)")
+    return schedule, starts, num_frames
+
+
+def _batches(plans: list[tuple[PromptSchedule, list[int], int]], batch_size: int) -> list[range]:
+    """Consecutive videos of at most `batch_size` that share their switch frames and length (one `stream` each)."""
+    batches: list[range] = []
+    for i, (_, starts, frames) in enumerate(plans):
+        last = batches[-1] if batches else None
+        if last is not None and len(last) < batch_size and (plans[last.start][1], plans[last.start][2]) == \
+                (starts, frames):
+            batches[-1] = range(last.start, i + 1)
+        else:
+            batches.append(range(i, i + 1))
+    return batches
+
+
 @torch.no_grad()
 def generate_videos(
     spec: GeneratorSpec,
     model: CausalWanDiT,
-    prompts: list[str],
+    prompts: list[str | PromptSchedule],
     out_dir: str | Path,
     seconds: float = 10.0,
     seed: int = 0,
@@ -148,14 +180,22 @@ def generate_videos(
     encoder_dtype: str | None = None,
     offload_text_encoder: bool = False,
     seeds: list[int] | None = None,
+    recache: str = "none",
+    init_frames: np.ndarray | None = None,
+    lossless: bool = False,
 ) -> list[Path]:
     """Generate one video per prompt into `out_dir` (`<name>.mp4` + `<name>.txt` with the prompt).
 
-    Prompts are batched `batch_size` at a time; prompt i draws its noise from its own generator seeded with
-    ``seeds[i]`` (default ``seed + i``), so a video does not depend on the batch or the process it is made in.
-    Returns the paths.
+    A prompt is a string (the video lasts `seconds`) or a `PromptSchedule` (its segments' prompts in turn, the video
+    lasting the sum of their durations; the memory's `recache` regions are re-cached at each switch, `cf.recache`).
+    `init_frames` (uint8 [T, H, W, 3], T = 1 + 4(mn − 1), `cf.init_frames.read_init_frames`) start every video: they
+    are written as they are, and their latents committed to the memory; generation continues after them.
+    Prompts are batched `batch_size` at a time (videos with the same switch frames); prompt i draws its noise from
+    its own generator seeded with ``seeds[i]`` (default ``seed + i``), so a video does not depend on the batch or
+    the process it is made in. Returns the paths.
     The encoders run in ``encoder_dtype`` (default: the spec's); with ``offload_text_encoder`` every prompt is
-    embedded first and the text encoder then moves to the CPU (umT5-XXL is ~11 GB in bf16).
+    embedded first and the text encoder then moves to the CPU (umT5-XXL is ~11 GB in bf16). ``lossless`` stores the
+    frames exactly (`cf.video_io.Mp4Writer`).
     Repeated names get a ``_2``, ``_3`` suffix; existing files are an error (FileExistsError, before anything is
     generated) unless ``overwrite``. Each mp4 appears under its name only when complete. On SIGINT / SIGTERM the
     current chunk is finished, the videos of the batch in progress are closed as playable mp4s of the chunks done,
@@ -163,7 +203,9 @@ def generate_videos(
     """
     check_generation_arguments(seconds, batch_size)
     out_dir = Path(out_dir)
-    names = unique_names(names or [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)])
+    plans = [plan_video(spec, p, seconds, init_frames) for p in prompts]
+    texts = [p if isinstance(p, str) else p.describe() for p in prompts]
+    names = unique_names(names or [f"{i:03d}_{slug(plan[0].prompts[0])}" for i, plan in enumerate(plans)])
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     if len(names) != len(prompts) or len(seeds) != len(prompts):
         raise ValueError(f"{len(names)} names and {len(seeds)} seeds for {len(prompts)} prompts")
@@ -176,38 +218,49 @@ def generate_videos(
     encoder_dtype = encoder_dtype or spec.encoder_dtype
     autoencoder = build_autoencoder(spec.autoencoder, dtype=encoder_dtype, **spec.autoencoder_kwargs).to(device)
     text_encoder = build_text_encoder(spec.text_encoder, dtype=encoder_dtype, **spec.text_encoder_kwargs).to(device)
-    embedded: dict[int, torch.Tensor] = {}
+    batches = _batches(plans, batch_size)
+
+    def segment_prompts(batch: range, segment: int) -> list[str]:
+        return [plans[i][0].segments[segment].prompt for i in batch]
+
+    embedded: dict[tuple[int, int], torch.Tensor] = {}
     if offload_text_encoder:
-        for b0 in range(0, len(prompts), batch_size):
-            embedded[b0] = text_encoder(prompts[b0 : b0 + batch_size]).to(device)
+        for batch in batches:
+            for k in range(len(plans[batch.start][1])):
+                embedded[batch.start, k] = text_encoder(segment_prompts(batch, k)).to(device)
         text_encoder.to("cpu")
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+    init_latents = None if init_frames is None else encode_init_frames(autoencoder, init_frames, 1, device)
     memory_config = spec.memory_config(memory, keyframes)
     sampling = SamplingConfig(**spec.sampling)
-    num_frames = latent_frames_for(seconds, spec.fps, spec.frames_per_chunk)
-    total_chunks = num_frames // spec.frames_per_chunk
     paths: list[Path] = []
     with _StopOnSignal() as stop:
-        for b0 in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[b0 : b0 + batch_size]
-            batch_names = names[b0 : b0 + len(batch_prompts)]
-            writers = [Mp4Writer(out_dir / f"{name}.mp4", fps=spec.fps) for name in batch_names]
-            done = 0
+        for batch in batches:
+            batch_texts = [texts[i] for i in batch]
+            batch_names = [names[i] for i in batch]
+            _, starts, num_frames = plans[batch.start]
+            total_chunks = num_frames // spec.frames_per_chunk
+            writers = [Mp4Writer(out_dir / f"{name}.mp4", fps=spec.fps, lossless=lossless) for name in batch_names]
+            done = seen = written = 0
             try:
                 if stop.received is None:
-                    text = embedded[b0] if b0 in embedded else text_encoder(batch_prompts).to(device)
+                    embeddings = [embedded[batch.start, k] if (batch.start, k) in embedded else
+                                  text_encoder(segment_prompts(batch, k)).to(device) for k in range(len(starts))]
                     decoder = autoencoder.stream_decoder()
-                    chunks = stream(model, text, num_frames, tuple(spec.latent_size), memory=memory_config,
-                                    sampling=sampling, generator=[
-                                        torch.Generator(device=device).manual_seed(s)
-                                        for s in seeds[b0 : b0 + len(batch_prompts)]])
+                    chunks = stream(model, embeddings[0], num_frames, tuple(spec.latent_size), memory=memory_config,
+                                    sampling=sampling, generator=[torch.Generator(device=device).manual_seed(seeds[i])
+                                                                  for i in batch],
+                                    text_schedule=list(zip(starts[1:], embeddings[1:])), recache=recache,
+                                    init_latents=init_latents)
                     bar = tqdm(chunks, total=total_chunks, unit="chunk", disable=not progress,
-                               desc=f"generating {b0 + 1}-{b0 + len(batch_prompts)}/{len(prompts)}")
+                               desc=f"generating {batch.start + 1}-{batch.stop}/{len(prompts)}")
                     for latents in bar:
                         pixels = decoder(latents.float())  # [B, 3, t, H, W] in [-1, 1]
-                        for i, writer in enumerate(writers):
-                            writer.write(pixels[i])
+                        given = init_latents is not None and seen < init_latents.shape[2]
+                        for i, writer in enumerate(writers):  # given frames: written as they are
+                            writer.write(init_frames[written : written + pixels.shape[2]] if given else pixels[i])
+                        seen, written = seen + latents.shape[2], written + pixels.shape[2]
                         done += 1
                         if stop.received is not None:
                             break
@@ -219,13 +272,14 @@ def generate_videos(
                     writer.abort()
                 raise
             if stop.received is not None:
-                kept = _keep_partial(writers, batch_prompts, batch_names, out_dir)
+                kept = _keep_partial(writers, batch_texts, batch_names, out_dir)
                 seconds_kept = max((w.frames_written for w in writers), default=0) / spec.fps
-                raise GenerationInterrupted(stop.received, kept, paths, done, total_chunks, seconds_kept, seconds,
-                                            len(prompts) - b0 - (len(batch_prompts) if kept else 0))
-            for writer, prompt, name in zip(writers, batch_prompts, batch_names):
+                raise GenerationInterrupted(stop.received, kept, paths, done, total_chunks, seconds_kept,
+                                            plans[batch.start][0].seconds,
+                                            len(prompts) - batch.start - (len(batch) if kept else 0))
+            for writer, text, name in zip(writers, batch_texts, batch_names):
                 writer.close()
-                atomic_write_text(out_dir / f"{name}.txt", prompt + "\n")
+                atomic_write_text(out_dir / f"{name}.txt", text + "\n")
                 paths.append(out_dir / f"{name}.mp4")
     return paths
 
@@ -305,19 +359,54 @@ def process_share(count: int) -> list[int]:
     return list(range(rank, count, world))
 
 
+def frame_size(spec: GeneratorSpec) -> tuple[int, int]:
+    """(H, W) of the generator's videos: the latent size times the autoencoder's spatial factor (8 for the Wan2.1
+    VAE and the toy default; a toy's `spatial_factor` from its kwargs)."""
+    factor = int(spec.autoencoder_kwargs.get("spatial_factor", 8))
+    return spec.latent_size[0] * factor, spec.latent_size[1] * factor
+
+
+def resolve_video_arguments(args: argparse.Namespace) -> tuple[list[str | PromptSchedule], float]:
+    """The videos (prompts, or the one `--prompt-schedule`) and `--seconds` of a `cf generate` call; ValueError
+    naming the fix for flags that do not go together."""
+    if args.prompt_schedule is None:
+        if args.recache != "none":
+            raise ValueError("--recache acts at prompt switches; pass a --prompt-schedule with two or more prompts, "
+                             "or drop --recache")
+        seconds = 10.0 if args.seconds is None else args.seconds
+        check_generation_arguments(seconds, args.batch_size)
+        return list(read_prompts(args.prompt, args.prompts)), seconds
+    if args.prompt or args.prompts:
+        raise ValueError("--prompt-schedule makes one video from its own prompts; drop --prompt / --prompts, or the "
+                         "schedule")
+    schedule = parse_prompt_schedule(args.prompt_schedule)
+    if args.seconds is not None:
+        raise ValueError(f"--prompt-schedule sets the video's length (the sum of its durations, {schedule.seconds:g} "
+                         "s); drop --seconds")
+    parse_regions(args.recache)
+    check_generation_arguments(schedule.seconds, args.batch_size)
+    return [schedule], schedule.seconds
+
+
 def run(args: argparse.Namespace) -> None:
     weights = Path(args.weights) if args.weights else None
     try:
-        check_generation_arguments(args.seconds, args.batch_size)
+        videos, seconds = resolve_video_arguments(args)
         spec = resolve_spec(weights, args.config)
-        prompts = read_prompts(args.prompt, args.prompts)
+        init_frames = None
+        if args.init_video or args.init_image:
+            init_frames = read_init_frames(args.init_video or args.init_image, frame_size(spec), spec.frames_per_chunk,
+                                           image=bool(args.init_image))
+        for video in videos:
+            plan_video(spec, video, seconds, init_frames)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cf generate: {err}") from None
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    names = unique_names([f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)])
-    mine = process_share(len(prompts))
+    first_prompts = [v if isinstance(v, str) else v.prompts[0] for v in videos]
+    names = unique_names([f"{i:03d}_{slug(p)}" for i, p in enumerate(first_prompts)])
+    mine = process_share(len(videos))
     dtype, encoder_dtype = generation_dtypes(device, args.dtype, args.encoder_dtype, spec)
     try:
         model = load_generator(spec, weights, device, dtype, use_ema=not args.no_ema)
@@ -325,18 +414,19 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"cf generate: {err}") from None
     start = time.perf_counter()
     try:
-        paths = generate_videos(spec, model, [prompts[i] for i in mine], args.out, seconds=args.seconds,
+        paths = generate_videos(spec, model, [videos[i] for i in mine], args.out, seconds=seconds,
                                 memory=args.memory, keyframes=args.keyframes, batch_size=args.batch_size,
                                 device=device, overwrite=args.overwrite, encoder_dtype=encoder_dtype,
                                 offload_text_encoder=args.offload_text_encoder, names=[names[i] for i in mine],
-                                seeds=[args.seed + i for i in mine])
+                                seeds=[args.seed + i for i in mine], recache=args.recache, init_frames=init_frames,
+                                lossless=args.lossless)
     except FileExistsError as err:
         raise SystemExit(f"cf generate: {err}") from None
     except GenerationInterrupted as stopped:
         print(f"cf generate: {stopped}", file=sys.stderr, flush=True)
         raise SystemExit(stopped.exit_code) from None
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(paths)} video(s) of {args.seconds:g} s to {args.out} in {elapsed:.1f} s")
+    print(f"wrote {len(paths)} video(s) of {seconds:g} s to {args.out} in {elapsed:.1f} s")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -348,7 +438,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", help="generator config.json (default: the one next to --weights)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
-    p.add_argument("--seconds", type=float, default=10.0, help="video length in seconds (default 10)")
+    p.add_argument("--prompt-schedule", metavar="SCHEDULE",
+                   help='one video whose prompt changes: a JSONL file ({"prompt": "...", "seconds": 10} a line) or '
+                   '"prompt one[10s] | prompt two[20s]"; it lasts the sum of the durations, and each switch takes '
+                   "effect at the first chunk boundary at or after its time")
+    p.add_argument("--recache", default="none", metavar="REGIONS",
+                   help="memory regions re-cached under the new prompt at each switch: none (default), fast, slow, "
+                   "sink, all, or joined by + (e.g. slow+fast)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init-video", metavar="CLIP", help="continue this clip (the generator's frame size): its last "
+                      "whole-chunk frames start the video as they are and fill the memory, then generation goes on")
+    init.add_argument("--init-image", metavar="IMAGE", help="continue from this image, held still for one chunk")
+    p.add_argument("--seconds", type=float, default=None, help="video length in seconds, given frames included "
+                   "(default 10; with --prompt-schedule, the schedule's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", choices=["slow_fast", "sliding", "self_forcing", "full", "released_code"],
                    help="memory preset (default: the generator's own memory config)")
@@ -363,6 +465,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--offload-text-encoder", action="store_true",
                    help="embed every prompt first, then move the text encoder to the CPU (frees ~11 GB for umT5)")
     p.add_argument("--out", default="runs/generate", help="output folder (default runs/generate)")
+    p.add_argument("--lossless", action="store_true", help="store the frames exactly (PNG frames in the mp4; "
+                   "ffmpeg-based players only)")
     p.add_argument("--overwrite", action="store_true", help="replace videos of the same name in --out (default: "
                    "refuse)")
     p.set_defaults(func=run)

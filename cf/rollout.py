@@ -2,8 +2,10 @@
 
 Per chunk: start from fresh noise, run the warped few-step list (t = 1000, 937.5, 833.3, 625 at shift 5) with fresh
 re-noising between steps, then a commit pass at t = 0 on the clean output that fixes the chunk's K/V in the cache.
-The text cross-attention K/V are computed once per video. With a bounded memory (`cf.memory`) the cost and memory
-of a chunk do not depend on how long the video already is.
+The text cross-attention K/V are computed once per video, and once more at every prompt switch of a schedule (where
+the memory can be re-cached under the new prompt, `cf.recache`). Given latents (a continuation) are committed as
+they are, never denoised. With a bounded memory (`cf.memory`) the cost and memory of a chunk do not depend on how
+long the video already is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cf.diffusion import add_noise, flow_to_x0, warp_timesteps
 from cf.memory import KeyframePolicy, MemoryConfig, SlowFastMemory
 from cf.models.kv_cache import KVCache
 from cf.models.wan import CausalWanDiT
+from cf.recache import held_frames, parse_regions, recache_memory
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -104,6 +107,33 @@ def make_memory(model: CausalWanDiT, memory: MemoryConfig | KVCache | str,
     return memory
 
 
+def _check_stream_extras(model: CausalWanDiT, text: Tensor, num_frames: int, latent_size: tuple[int, int],
+                         text_schedule: Sequence[tuple[int, Tensor]], init_latents: Tensor | None) -> Tensor | None:
+    """Validate a schedule and given latents for `stream`; returns the given latents expanded to the batch."""
+    n, batch = model.frames_per_chunk, text.shape[0]
+    previous = -1
+    for start, embedding in text_schedule:
+        if start % n or not previous < start < num_frames:
+            raise ValueError(f"prompt switch at latent frame {start}: switches must be increasing multiples of "
+                             f"frames_per_chunk ({n}) below num_frames ({num_frames})")
+        if embedding.shape[0] != batch or embedding.shape[2:] != text.shape[2:]:
+            raise ValueError(f"the text at frame {start} has shape {tuple(embedding.shape)}; it must match the "
+                             f"first prompt's [B={batch}, L, {text.shape[-1]}]")
+        previous = start
+    if init_latents is None:
+        return None
+    frames = init_latents.shape[2] if init_latents.ndim == 5 else -1
+    expected = (model.config.in_dim, *latent_size)
+    if init_latents.ndim != 5 or init_latents.shape[0] not in (1, batch) or \
+            (init_latents.shape[1], *init_latents.shape[3:]) != expected:
+        raise ValueError(f"init_latents must be [1 or {batch}, {expected[0]}, F, {expected[1]}, {expected[2]}], got "
+                         f"{tuple(init_latents.shape)}")
+    if frames <= 0 or frames % n or frames > num_frames:
+        raise ValueError(f"init_latents hold {frames} frames: give a positive multiple of frames_per_chunk ({n}) "
+                         f"of at most num_frames ({num_frames})")
+    return init_latents.expand(batch, *init_latents.shape[1:])
+
+
 @torch.no_grad()
 def stream(
     model: CausalWanDiT,
@@ -115,6 +145,10 @@ def stream(
     seed: int | None = 0,
     generator: Generators = None,
     keyframes: KeyframePolicy | None = None,
+    *,
+    text_schedule: Sequence[tuple[int, Tensor]] = (),
+    recache: str | Sequence[str] = "none",
+    init_latents: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Generate `num_frames` latent frames chunk by chunk, yielding each chunk [B, C, n, h, w] as it is done.
 
@@ -122,6 +156,14 @@ def stream(
     (slow_fast | sliding | self_forcing | full | released_code) or a cache object. Seeded: the same seed gives the same
     video. Pass a `generator` instead of `seed` to control the random stream yourself, or one generator per sample
     (then a sample's video does not depend on the batch it is generated in).
+
+    text_schedule: (start_frame, embeddings [B, L, text_dim]) pairs, start frames increasing multiples of the chunk
+    size: from `start_frame` on the chunks are conditioned on that text (its cross-attention K/V computed once, at
+    the switch); `text` conditions the chunks before the first switch. recache: memory regions re-cached under the
+    new text at each switch (`cf.recache.parse_regions`: none | all | sink, slow, fast joined by "+"; needs a
+    Slow-Fast Memory). init_latents [1 or B, C, F0, h, w] (F0 a multiple of the chunk size): the video's first F0
+    frames, committed to the memory with the commit pass of a generated chunk and yielded as they are; generation
+    continues from frame F0 (no noise is drawn for them).
     """
     n = model.frames_per_chunk
     if num_frames <= 0 or num_frames % n:
@@ -129,17 +171,36 @@ def stream(
     sampling = sampling or SamplingConfig()
     device = text.device
     dtype = next(model.parameters()).dtype
+    given = _check_stream_extras(model, text, num_frames, latent_size, text_schedule, init_latents)
+    regions = parse_regions(recache)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
     cache = make_memory(model, memory, keyframes)
+    if regions and held_frames(cache) is None:
+        raise ValueError(f"re-caching {'+'.join(regions)} needs the Slow-Fast Memory, not {type(cache).__name__}; "
+                         "pass memory as a MemoryConfig or preset name, or recache='none'")
+    switches = dict(text_schedule)
     text_kv = model.text_kv(text.to(dtype))
     timesteps = sampling.timesteps()
     shape = (text.shape[0], model.config.in_dim, n, *latent_size)
+    track = bool(regions and switches)
+    kept: dict[int, Tensor] = {}  # clean latents [B, C, h, w] of the frames the memory holds (for re-caching)
     for start in range(0, num_frames, n):
-        noise = draw_noise(shape, generator, device, dtype)
-        x0 = denoise_chunk(model, noise, text_kv, cache, start, timesteps, generator)
+        if start in switches:
+            text_kv = model.text_kv(switches[start].to(device=device, dtype=dtype))
+            if regions:
+                recache_memory(model, cache, kept, text_kv, regions)
+        if given is not None and start < given.shape[2]:
+            x0 = given[:, :, start : start + n].to(device=device, dtype=dtype).clone()
+        else:
+            noise = draw_noise(shape, generator, device, dtype)
+            x0 = denoise_chunk(model, noise, text_kv, cache, start, timesteps, generator)
         commit_chunk(model, x0, text_kv, cache, start, sampling.commit_noise_sigma, generator)
+        if track:
+            kept.update({start + i: x0[:, :, i] for i in range(n)})
+            held = held_frames(cache)
+            kept = {f: z for f, z in kept.items() if f in held}
         yield x0
 
 
