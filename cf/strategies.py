@@ -100,6 +100,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         build_shm_comm_op: let DeepSpeed JIT-build its shared-memory comm op on CPU (unused by ZeRO training).
         exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints (they must then
             be rebuilt identically by ``configure_model``, e.g. from pretrained weights).
+        logging_batch_size_per_gpu: also sets ``train_micro_batch_size_per_gpu`` of a ``config`` file lacking it
+            (Lightning applies it to its default config only), so a YAML names a JSON and the micro-batch size.
         **kwargs: the arguments of Lightning's ``DeepSpeedStrategy`` (``stage``, ``config``, ``offload_*``, ...).
     """
 
@@ -125,6 +127,9 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if isinstance(kwargs.get("timeout"), (int, float)):
             kwargs["timeout"] = timedelta(seconds=kwargs["timeout"])
         super().__init__(exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        micro_batch = kwargs.get("logging_batch_size_per_gpu", "auto")
+        if micro_batch != "auto" and isinstance(self.config, dict):
+            self.config.setdefault("train_micro_batch_size_per_gpu", int(micro_batch))
         self.frozen_modules = frozen_modules
         self.engine_configs = dict(engine_configs or {})
         self.process_timeout = process_timeout

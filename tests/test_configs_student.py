@@ -195,6 +195,9 @@ def test_wan_configs_instantiate_with_the_paper_values(wan_env, stage):
     engine = {"gradient_accumulation_steps": 8, "gradient_clipping": 2.0}
     assert strategy.engine_configs == {"generator": engine, "critic": engine}
     assert strategy.zero_stage_3 and strategy.config["bf16"]["enabled"]
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 1  # from logging_batch_size_per_gpu, on the json
+    assert strategy.config["zero_optimization"] == json.loads((ROOT / "configs/deepspeed/zero3_bf16.json").read_text(
+        ))["zero_optimization"]
     assert loaded.datamodule.batch_size == 8
     ema = [c for c in loaded.trainer.callbacks if type(c).__name__ == "EMA"][0]
     assert (ema.decay, ema.start_step) == (0.99, 200)
