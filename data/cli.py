@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,10 +21,19 @@ def json_object(text: str) -> dict:
     return value
 
 
-def _print_report(report) -> None:
-    print(f"wrote {report.num_samples} samples in {report.num_shards} shard(s): {report.urls}")
+def _print_report(report, out_pattern: str, what: str = "samples") -> None:
+    """What a writer wrote; under torchrun, which process wrote it and how to name the shards of all of them."""
+    from cf.launch import launch_rank_and_world
+
+    rank, world = launch_rank_and_world()
+    where = f"process {rank} of {world} " if world > 1 else ""
+    print(f"{where}wrote {report.num_samples} {what} in {report.num_shards} shard(s): {report.urls or '-'}")
     if report.skipped:
         print("skipped: " + ", ".join(f"{reason}={count}" for reason, count in sorted(report.skipped.items())))
+    if world > 1 and rank == 0:
+        every = re.sub(r"%0?\d*d", "*", out_pattern)
+        print(f"the {world} processes number their shards rank, rank + {world}, rank + {2 * world}, ...; "
+              f"read the shards of all of them as {every}")
 
 
 def run_shards(args: argparse.Namespace) -> None:
@@ -36,7 +46,7 @@ def run_shards(args: argparse.Namespace) -> None:
         report = write_shards_from_folder(args.folder, args.out, maxcount=args.maxcount)
     else:
         report = write_shards_from_csv(args.csv, args.out, maxcount=args.maxcount, video_root=args.video_root)
-    _print_report(report)
+    _print_report(report, args.out)
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -56,18 +66,22 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> None:
-    """``cf data encode``: video shards -> latent shards with the chosen autoencoder and text encoder."""
+    """``cf data encode``: video shards -> latent shards with the chosen autoencoder and text encoder. Under
+    torchrun each process encodes every WORLD_SIZE-th input shard from RANK on its own GPU (`cf.launch`)."""
     from cf.encoders import build_autoencoder, build_text_encoder
+    from cf.launch import launch_rank_and_world, process_device
     from data.encode import encode_shards
 
+    rank, world = launch_rank_and_world()
     autoencoder = build_autoencoder(args.autoencoder, dtype=args.encoder_dtype, **args.autoencoder_args)
     text_encoder = build_text_encoder(args.text_encoder, dtype=args.encoder_dtype, **args.text_encoder_args)
     report = encode_shards(
         args.inputs, args.out, autoencoder, text_encoder, num_frames=args.num_frames, height=args.height,
         width=args.width, fps=args.fps, min_frames=args.min_frames, batch_size=args.batch_size,
-        maxcount=args.maxcount, latent_dtype=args.latent_dtype, device=args.device, num_workers=args.workers,
+        maxcount=args.maxcount, latent_dtype=args.latent_dtype, device=process_device(args.device),
+        num_workers=args.workers, rank=rank, world_size=world,
     )
-    _print_report(report)
+    _print_report(report, args.out)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -150,8 +164,10 @@ def _teacher_config(weights: Path, network: str | None) -> dict:
 
 
 def run_ode_pairs(args: argparse.Namespace) -> None:
-    """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression."""
+    """``cf data ode-pairs``: teacher ODE trajectories for the stage-0 regression. Under torchrun each process
+    integrates every WORLD_SIZE-th prompt from RANK (seeds and keys by the prompt's global index, `cf.launch`)."""
     from cf.encoders import build_text_encoder, resolve_dtype
+    from cf.launch import launch_rank_and_world, process_device, process_share
     from cf.models.wan import WanConfig, WanDiT
     from cf.weights import load_wan_weights
     from data.ode_pairs import ODEPairConfig, write_ode_pairs
@@ -162,6 +178,11 @@ def run_ode_pairs(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
                                 "(`cf convert teacher` output) or Wan2.1 weights")
     prompts = read_prompt_file(args.prompts)[: args.limit]
+    rank, world = launch_rank_and_world()
+    mine = process_share(len(prompts))
+    if not mine:
+        print(f"process {rank} of {world}: no prompt left for this process ({len(prompts)} prompts)")
+        return
     teacher = WanDiT(WanConfig(**_teacher_config(weights, args.network)))
     load_wan_weights(teacher, weights)
     teacher = teacher.to(resolve_dtype(args.dtype)).requires_grad_(False)
@@ -169,10 +190,11 @@ def run_ode_pairs(args: argparse.Namespace) -> None:
     config = ODEPairConfig(num_frames=args.num_frames, latent_size=tuple(args.latent_size), num_steps=args.num_steps,
                            shift=args.shift, guidance_scale=args.guidance, stored_steps=tuple(args.stored_steps),
                            negative_prompt=args.negative_prompt)
-    report = write_ode_pairs(teacher, text_encoder, prompts, args.out, config, seed=args.seed,
+    report = write_ode_pairs(teacher, text_encoder, [prompts[i] for i in mine], args.out, config, seed=args.seed,
                              batch_size=args.batch_size, maxcount=args.maxcount,
-                             storage_dtype=resolve_dtype(args.storage_dtype), device=args.device)
-    print(f"wrote {report.num_samples} ODE pairs in {report.num_shards} shard(s): {report.urls}")
+                             storage_dtype=resolve_dtype(args.storage_dtype), device=process_device(args.device),
+                             indices=mine, first_shard=rank, shard_stride=world)
+    _print_report(report, args.out, "ODE pairs")
 
 
 def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ Use it with ``Trainer(use_distributed_sampler=False)``: the streams split shards
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any, Literal
 
@@ -23,13 +24,21 @@ __all__ = ["VideoDataModule", "expand_shard_urls", "check_shards_exist"]
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 
 
+def _expand_glob(url: str) -> list[str]:
+    """A local path with ``*`` / ``?`` / ``[...]``: the matching files, sorted (unchanged when none match, so the
+    existence check names it); any other URL unchanged."""
+    if url.startswith(_REMOTE_PREFIXES) or not any(c in url for c in "*?["):
+        return [url]
+    return sorted(glob.glob(url[len("file:"):] if url.startswith("file:") else url)) or [url]
+
+
 def expand_shard_urls(urls: str | list[str]) -> list[str]:
-    """Expand brace notation (``shards-{000..009}.tar``, several patterns joined by ``::``) into a list of URLs."""
-    if isinstance(urls, str):
-        return expand_urls(urls)
+    """Expand brace notation (``shards-{000..009}.tar``, several patterns joined by ``::``) and local wildcards
+    (``out/lat-*.tar``, e.g. the shards several processes of `cf data encode` wrote) into a list of URLs."""
     expanded: list[str] = []
-    for url in urls:
-        expanded.extend(expand_urls(url))
+    for url in [urls] if isinstance(urls, str) else urls:
+        for item in expand_urls(url):
+            expanded.extend(_expand_glob(item))
     return expanded
 
 

@@ -50,14 +50,21 @@ def encode_shards(
     latent_dtype: str = "float32",
     device: str = "cpu",
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ShardWriteReport:
     """Read video shards, encode the first ``num_frames`` frames of every clip (after resampling to ``fps`` and
     cover-crop to ``height`` x ``width``) and its caption, and write latent shards to ``out_pattern`` (``%06d``).
 
-    Bad samples are skipped as in training and counted in the report's ``skipped``.
+    Bad samples are skipped as in training and counted in the report's ``skipped``. With ``world_size`` processes
+    (torchrun), process ``rank`` encodes the input shards ``rank, rank + world_size, ...`` and numbers its output
+    shards the same way, so processes never write the same file; a sample's latents and key do not depend on the
+    process (no randomness: clips start at frame 0).
     """
     check_num_frames(num_frames)
-    urls = check_shards_exist(in_urls, what="input shard")
+    urls = check_shards_exist(in_urls, what="input shard")[rank::world_size]
+    if not urls:
+        return ShardWriteReport("", 0, 0)
     dtype = resolve_dtype(latent_dtype)
     config = StreamConfig(mode="video", batch_size=batch_size, drop_last=False, num_frames=num_frames,
                           min_frames=min_frames, height=height, width=width, fps=fps, clip_start="start",
@@ -66,8 +73,9 @@ def encode_shards(
     autoencoder = autoencoder.to(device)
     text_encoder = text_encoder.to(device)
     skipped: Counter[str] = Counter()
-    with ShardSink(out_pattern, maxcount=maxcount) as sink:
-        progress = tqdm(loader, desc="encoding clips", unit="batch")
+    with ShardSink(out_pattern, maxcount=maxcount, first_shard=rank, shard_stride=world_size) as sink:
+        progress = tqdm(loader, desc="encoding clips" if world_size == 1 else f"encoding clips (rank {rank})",
+                        unit="batch")
         for batch in progress:
             skipped.update(batch["skipped"])
             latents = autoencoder.encode(batch["video"].to(device)).float().cpu()
@@ -87,6 +95,7 @@ def encode_shards(
             progress.set_postfix(written=sink.num_samples, skipped=sum(skipped.values()))
         report = ShardWriteReport(sink.urls, sink.num_samples, sink.num_shards, dict(skipped))
     if report.num_samples == 0:
-        raise ValueError(f"no clip of {in_urls!r} could be encoded (skipped: {dict(skipped)}); "
+        source = in_urls if world_size == 1 else urls  # this process's shards
+        raise ValueError(f"no clip of {source!r} could be encoded (skipped: {dict(skipped)}); "
                          f"check num_frames={num_frames}, min_frames={min_frames} and fps={fps} against the videos")
     return report

@@ -132,11 +132,21 @@ def write_ode_pairs(
     maxcount: int = 1000,
     storage_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    indices: Sequence[int] | None = None,
+    first_shard: int = 0,
+    shard_stride: int = 1,
 ) -> ShardWriteReport:
     """Integrate one trajectory per prompt with ``teacher`` (a bidirectional `WanDiT`) and write the samples to
-    ``out_pattern`` (``%06d`` shards). Prompt i's noise is drawn from a generator seeded with ``seed + i``."""
+    ``out_pattern`` (``%06d`` shards). Prompt i's noise is drawn from a generator seeded with ``seed + i`` and its
+    key is ``ode-<i>``, where i is its global index ``indices[k]`` (default: its position), so a pair does not
+    depend on the batch or the process that makes it. ``first_shard`` / ``shard_stride``: the shard numbering
+    (`data.shards.ShardSink`; rank and world size when several processes share the prompts)."""
     config = config or ODEPairConfig()
-    prompts = [p for p in prompts if p.strip()]
+    indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts")
+    kept = [(i, p) for i, p in zip(indices, prompts) if p.strip()]
+    indices, prompts = [i for i, _ in kept], [p for _, p in kept]
     if not prompts:
         raise ValueError("no prompts to make ODE pairs from")
     if batch_size < 1:
@@ -148,28 +158,29 @@ def write_ode_pairs(
     timesteps = [float(1000.0 * sigmas[s]) for s in config.stored_steps]
     with torch.no_grad():
         negative = text_encoder([config.negative_prompt]).to(device)
-    with ShardSink(out_pattern, maxcount=maxcount) as sink:
+    with ShardSink(out_pattern, maxcount=maxcount, first_shard=first_shard, shard_stride=shard_stride) as sink:
         bar = tqdm(range(0, len(prompts), batch_size), desc="ODE pairs", unit="batch")
         for start in bar:
             batch = list(prompts[start:start + batch_size])
+            numbers = indices[start:start + batch_size]
             with torch.no_grad():
                 text = text_encoder(batch).to(device)
             noise = torch.stack([
                 torch.randn((channels, config.num_frames, *config.latent_size),
-                            generator=torch.Generator().manual_seed(seed + start + i))
-                for i in range(len(batch))]).to(device)
+                            generator=torch.Generator().manual_seed(seed + number))
+                for number in numbers]).to(device)
             trajectory = ode_trajectory(teacher, noise, text, negative, sigmas, config.guidance_scale,
                                         config.stored_steps).cpu()
-            for i, prompt in enumerate(batch):
+            for i, (prompt, number) in enumerate(zip(batch, numbers)):
                 embedding = _trim_padding(text[i].float().cpu())
                 sink.write({
-                    "__key__": f"ode-{start + i:09d}",
+                    "__key__": f"ode-{number:09d}",
                     "ode.pth": trajectory[i].to(storage_dtype).clone(),
                     "text.pth": embedding.to(storage_dtype).clone(),
                     "txt": prompt,
                     "json": {"stored_steps": list(config.stored_steps), "timesteps": timesteps,
                              "num_steps": config.num_steps, "shift": config.shift,
-                             "guidance_scale": config.guidance_scale, "seed": seed + start + i,
+                             "guidance_scale": config.guidance_scale, "seed": seed + number,
                              "latent_shape": list(trajectory[i].shape[1:]), "text_length": int(text.shape[1])},
                 })
             bar.set_postfix(written=sink.num_samples)

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from cf.video_io import probe_mp4
 
-__all__ = ["ShardWriteReport", "ShardSink", "write_shards_from_folder", "write_shards_from_csv", "brace_url"]
+__all__ = ["ShardWriteReport", "ShardSink", "write_shards_from_folder", "write_shards_from_csv", "brace_url",
+           "shard_urls"]
 
 VIDEO_EXTENSIONS = (".mp4",)
 
@@ -56,42 +57,69 @@ def brace_url(out_pattern: str, num_shards: int) -> str:
     return out_pattern[: match.start()] + "{" + first + ".." + last + "}" + out_pattern[match.end():]
 
 
+def shard_urls(out_pattern: str, numbers: list[int]) -> str:
+    """URL of the shards ``numbers`` written with ``out_pattern``: brace notation for 0 .. n - 1, else the paths
+    joined with ``::`` (which the datamodules also expand)."""
+    if not numbers:
+        return ""
+    if numbers == list(range(len(numbers))):
+        return brace_url(out_pattern, len(numbers))
+    return "::".join(out_pattern % n for n in numbers)
+
+
 class ShardSink:
-    """A ``webdataset.ShardWriter`` that creates the output folder and reports the brace URL of what it wrote.
+    """Writes samples into tar shards of at most ``maxcount`` samples (or ``maxsize`` bytes) with
+    ``webdataset.TarWriter``, creating the output folder, and reports the URL of what it wrote.
 
     ``mtime`` (seconds since the epoch) stamps every tar member; a fixed value makes the same samples give the same
-    shard bytes (default: the time of writing).
+    shard bytes (default: the time of writing). Shard j gets the number ``first_shard + j * shard_stride``: with
+    ``first_shard=rank`` and ``shard_stride=world_size``, processes that write parts of one dataset into one pattern
+    never write the same file.
     """
 
     def __init__(self, out_pattern: str, maxcount: int = 1000, maxsize: float = 3e9,
-                 mtime: float | None = None) -> None:
+                 mtime: float | None = None, first_shard: int = 0, shard_stride: int = 1) -> None:
         _check_pattern(out_pattern)
         if maxcount < 1:
             raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+        if first_shard < 0 or shard_stride < 1:
+            raise ValueError(f"first_shard must be >= 0 and shard_stride >= 1, got {first_shard}, {shard_stride}")
         folder = os.path.dirname(os.path.abspath(out_pattern))
         os.makedirs(folder, exist_ok=True)
         self.out_pattern = out_pattern
-        self._writer: wds.ShardWriter | None = None
+        self._tar: wds.TarWriter | None = None  # opened by the first sample: no empty shard for no data
         self._maxcount, self._maxsize, self._mtime = maxcount, maxsize, mtime
+        self._first, self._stride = first_shard, shard_stride
+        self._count = self._size = 0
+        self.shard_numbers: list[int] = []
         self.num_samples = 0
-        self.num_shards = 0
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_numbers)
 
     def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None:  # ShardWriter creates its first file at construction; only do that for real data
-            self._writer = wds.ShardWriter(self.out_pattern, maxcount=self._maxcount, maxsize=self._maxsize,
-                                           verbose=0, mtime=self._mtime)
-        self._writer.write(sample)
+        if self._tar is None or self._count >= self._maxcount or self._size >= self._maxsize:
+            self._finish_shard()
+            number = self._first + self.num_shards * self._stride
+            self._tar = wds.TarWriter(self.out_pattern % number, mtime=self._mtime)
+            self.shard_numbers.append(number)
+            self._count = self._size = 0
+        self._size += self._tar.write(sample)
+        self._count += 1
         self.num_samples += 1
-        self.num_shards = self._writer.shard
 
     @property
     def urls(self) -> str:
-        return brace_url(self.out_pattern, self.num_shards) if self.num_shards else ""
+        return shard_urls(self.out_pattern, self.shard_numbers)
+
+    def _finish_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._finish_shard()
 
     def __enter__(self) -> "ShardSink":
         return self
