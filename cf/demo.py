@@ -5,13 +5,14 @@ It starts from the shipped toy base model (configs/toy/base/, what Wan2.1 is for
 1. synthesises the sprite dataset (train / held-out val; a quarter of the captions leave every colour unnamed);
 2. fine-tunes the base with ERFT into the long-context teacher and exports it; scores the base's and the teacher's
    continuations of held-out clips against their ground truth (`cf.evaluation.continuation`);
-3. distils the student: stage 1 (DMD, 21 frames) from the teacher weights, then stage 2 with Context Forcing
-   (contextual DMD on long rollouts through the Slow-Fast Memory); the baseline of the paper's argument, the same
-   stage 2 with a memoryless short-window teacher and a sliding-window student (LongLive-style); and, unless
-   ``--no-ablation``, stage 2 without contextual DMD (configs/ablations/no_contextual_dmd.yaml);
+3. distils the student: stage 0 (ODE regression onto the teacher's trajectories) and stage 1 (DMD, 6-frame
+   rollouts), then stage 2 with Context Forcing (contextual DMD on long rollouts through the Slow-Fast Memory); the
+   baseline of the paper's argument, the same stage 2 with a memoryless short-window teacher and a sliding-window
+   student (LongLive-style), trained at the same time on the second core; and, with ``--ablation``, stage 2
+   without contextual DMD (configs/ablations/no_contextual_dmd.yaml);
 4. generates 60 s videos for the named and the unnamed prompt of held-out clips with every student;
 5. scores them from pixels against the clips' ground truth (`cf.demo_report`: prompted attributes, unprompted
-   colours after re-entry) and writes `report.md` with tables, plots and a frame strip per model.
+   background and sprite colours, flashbacks) and writes `report.md` with tables, plots and a frame strip per model.
 
 Each training stage runs `cf fit` with the toy configs in a subprocess (progress bars show), so every stage can be
 re-run or inspected on its own: the commands are printed and listed in the report. ``--seed`` changes the training
@@ -48,7 +49,7 @@ class DemoConfig:
     stage0_steps: int = 300
     stage1_steps: int = 200
     stage2_steps: int = 150
-    ablation: bool = True
+    ablation: bool = False
     seconds: float = 60.0
     num_prompt_clips: int = 4       # held-out clips; each gives a named and an unnamed prompt
     teacher_eval_clips: int = 16
@@ -255,7 +256,7 @@ def run_pipeline_seeds(cfg: DemoConfig, seeds: list[int]) -> Path:
 def run(args: argparse.Namespace) -> None:
     cfg = DemoConfig(out=args.out, num_clips=args.num_clips, teacher_steps=args.teacher_steps,
                      stage0_steps=args.stage0_steps, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                     ablation=not args.no_ablation,
+                     ablation=args.ablation,
                      seconds=args.seconds, num_prompt_clips=args.num_prompt_clips, seed=args.seed, base=args.base,
                      fresh=args.fresh)
     if args.quick:
@@ -279,7 +280,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps, help="critic steps of stage 1")
     p.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps,
                    help="critic steps of each stage-2 run (Context Forcing, baseline, ablation)")
-    p.add_argument("--no-ablation", action="store_true", help="skip the stage 2 without contextual DMD")
+    p.add_argument("--ablation", action="store_true",
+                   help="also train and evaluate stage 2 without contextual DMD (about 5 more minutes)")
     p.add_argument("--seconds", type=float, default=defaults.seconds, help="length of the generated videos")
     p.add_argument("--num-prompt-clips", type=int, default=defaults.num_prompt_clips,
                    help="held-out clips to generate for (each gives a named and an unnamed prompt)")

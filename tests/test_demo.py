@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.slow
 def test_quick_demo_writes_report_with_tables_strips_plots_and_videos(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "cf", "demo", "--quick", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "cf", "demo", "--quick", "--ablation", "--out", str(out)],
                             capture_output=True, text=True, timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = out / "report.md"
