@@ -89,6 +89,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     the whole module and load a checkpoint by gathering each engine's shards, so any world size can read it.
 
     Args:
+        config: DeepSpeed config, a mapping or a JSON path (mapping first, so a saved CLI config holds a mapping).
         frozen_modules: how modules outside ``deepspeed_submodules()`` are held: ``"replicate"`` (plain module on
             every rank, parameters in the compute dtype). ``"partition"`` is not implemented.
         engine_configs: per-engine DeepSpeed config overrides merged into the main config, e.g.
@@ -108,8 +109,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     strategy_name = "cf_deepspeed"
 
     def __init__(
-        self,
-        *,
+        self, *, config: Optional[Union[dict[str, Any], str, Path]] = None,
         frozen_modules: Literal["replicate", "partition"] = "replicate",
         engine_configs: Optional[dict[str, dict[str, Any]]] = None,
         start_method: Literal["auto", "popen", "spawn", "fork"] = "auto",
@@ -126,7 +126,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             raise ValueError("engine_configs must map engine names to DeepSpeed config dicts, e.g. {'critic': {...}}.")
         if isinstance(kwargs.get("timeout"), (int, float)):
             kwargs["timeout"] = timedelta(seconds=kwargs["timeout"])
-        super().__init__(exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        super().__init__(config=config, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         micro_batch = kwargs.get("logging_batch_size_per_gpu", "auto")
         if micro_batch != "auto" and isinstance(self.config, dict):
             self.config.setdefault("train_micro_batch_size_per_gpu", int(micro_batch))
