@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from cf.atomic import atomic_write_text
 from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
@@ -225,14 +227,18 @@ def run_zero(args: argparse.Namespace) -> None:
     alpha = args.lora_alpha if args.lora_alpha is not None else meta.get("lora_alpha")
     engines = args.engine or checkpoint_engine_names(ckpt_dir) or [None]
     out_dir = Path(args.out_dir)
-    for engine in engines:
+    bar = tqdm(engines, desc="cf convert zero", unit="engine")
+    for engine in bar:
+        bar.set_postfix_str(f"gathering {engine or 'the'} shards")
         found = dit_state_dicts(load_zero_checkpoint_state_dict(ckpt_dir, engine), alpha=alpha)
         for prefix, sd in found.items():
             name = ".".join(part for part in (engine, prefix) if part) or "dit"
+            bar.set_postfix_str(f"writing {name}.safetensors")
             path = write_state_dict(sd, out_dir / f"{name}.safetensors", _dtype(args))
-            print(f"wrote {path} ({len(sd)} tensors)")
+            bar.write(f"wrote {path} ({len(sd)} tensors)", file=sys.stdout)
             if meta.get("wan_config") is not None and prefix == meta.get("network_prefix", "network").rstrip("."):
                 atomic_write_text(out_dir / f"{name}.config.json", json.dumps(meta["wan_config"], indent=2) + "\n")
+    bar.close()
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

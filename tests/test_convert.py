@@ -315,3 +315,21 @@ def test_zero3_lora_teacher_checkpoint_exports(tmp_path: Path) -> None:
                                                                           "network.safetensors"]
     zero_export = load_file(tmp_path / "zero_out" / "network.safetensors")
     assert all(torch.equal(zero_export[k], v) for k, v in exported.items())
+
+
+def test_convert_zero_shows_progress_per_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Two engines (the gathering replaced by fixed state dicts): a progress bar on stderr that reaches 2/2
+    engines, one 'wrote' line per DiT on stdout, and the files hold the given weights."""
+    weights = {name: {f"{name}.{k}": v for k, v in WanDiT(TINY).state_dict().items()}
+               for name in ("generator", "fake_score")}
+    engines = {"generator": weights["generator"], "critic": weights["fake_score"]}
+    monkeypatch.setattr(cf.zero, "checkpoint_engine_names", lambda ckpt_dir: list(engines))
+    monkeypatch.setattr(cf.zero, "load_zero_checkpoint_state_dict", lambda ckpt_dir, engine: engines[engine])
+    (tmp_path / "ckpt").mkdir()
+    cf_main(["convert", "zero", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "cf convert zero" in captured.err and "2/2" in captured.err and "engine" in captured.err
+    assert captured.out.count("wrote ") == 2
+    written = load_file(tmp_path / "out" / "critic.fake_score.safetensors")
+    for key, value in weights["fake_score"].items():
+        assert torch.equal(written[key.removeprefix("fake_score.")], value)
