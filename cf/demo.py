@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cf.stage_runner import newest_file, run_stage, run_stages_parallel, shard_urls
+from cf.stage_runner import StageLog, newest_file, run_stage, run_stages_parallel, shard_urls
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "toy"
@@ -76,8 +76,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         raise FileNotFoundError(f"no toy base weights at {cfg.base}; they ship in configs/toy/base/ (or retrain them "
                                 "with `cf toy-base`)")
     cf = [sys.executable, "-m", "cf"]
-    log: list[dict] = []
-    total_start = time.perf_counter()
+    log = StageLog(out / "stages.json")  # kept across a resumed run
     paths = {"data": out / "data", "teacher": out / "teacher" / "teacher.safetensors",
              "ode_pairs": out / "ode_pairs" / "ode-000000.tar",
              "stage0": out / "student_stage0" / "generator.safetensors",
@@ -153,8 +152,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             continue
         videos[model] = out / "videos" / model
         _generate(paths[model], prompts, videos[model], cfg, memory, log)
-    report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality,
-                                  time.perf_counter() - total_start)
+    report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality)
     print(f"\nreport: {report}")
     return report
 
@@ -206,7 +204,7 @@ def _generate(weights: Path, prompts: list, folder: Path, cfg: DemoConfig, memor
 
 
 def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, out: Path, cfg: DemoConfig,
-                         log: list, teacher_quality: dict, elapsed: float) -> Path:
+                         log: StageLog, teacher_quality: dict) -> Path:
     from tqdm.auto import tqdm
 
     from cf.demo_report import STRIP_COLUMNS, score_video, summarize_models, write_report
@@ -232,8 +230,7 @@ def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, ou
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
     log.append({"stage": "score videos", "seconds": round(time.perf_counter() - start, 1),
                 "command": "cf.demo_report.score_video (prompt fidelity, re-entry consistency)"})
-    return write_report(out, summary, strips, teacher_quality, log, elapsed + time.perf_counter() - start,
-                        asdict(cfg), videos)
+    return write_report(out, summary, strips, teacher_quality, log, log.wall_seconds(), asdict(cfg), videos)
 
 
 def run_pipeline_seeds(cfg: DemoConfig, seeds: list[int]) -> Path:

@@ -3,12 +3,43 @@ that can also be run by hand, printed before it starts and logged with its wall 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+__all__ = ["StageLog", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+
+
+class StageLog(list):
+    """The records ``{"stage", "seconds", "command", "started_at"}`` of a pipeline's stages, kept in a json file as
+    they are appended, so a pipeline resumed after a crash still reports the stages an earlier run did (a record
+    replaces an older one of the same stage)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        super().__init__(json.loads(self.path.read_text()) if self.path.is_file() else [])
+
+    def append(self, record: dict) -> None:
+        record = {"started_at": time.time() - float(record.get("seconds", 0.0)), **record}
+        for i, old in enumerate(self):
+            if old.get("stage") == record["stage"]:
+                del self[i]
+                break
+        super().append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(list(self), indent=1))
+
+    def wall_seconds(self) -> float:
+        """Seconds covered by at least one stage (stages that ran side by side count once)."""
+        spans = sorted((r["started_at"], r["started_at"] + r["seconds"]) for r in self if "started_at" in r)
+        total, end = 0.0, float("-inf")
+        for start, stop in spans:
+            if stop > end:
+                total += stop - max(start, end)
+                end = stop
+        return total
 
 
 def run_stage(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -> float:
