@@ -97,7 +97,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     }
     eval_prompts = out / "eval_prompts.txt"  # the stage-2 fit-end evaluation callback's prompts: the demo scores
     env["CF_EVAL_PROMPTS"] = str(eval_prompts)  # the students itself, so two are enough there
-    seeded = ["--seed_everything", str(cfg.seed), "--model.init_args.seed", str(cfg.seed)]
+    seeded = ["--seed_everything", str(cfg.seed), "--model.init_args.seed", str(cfg.seed),
+              "--data.init_args.seed", str(cfg.seed)]  # the data's order (its content is the seed-0 dataset)
 
     if not (paths["data"] / "val" / "prompts.txt").exists():
         run_stage(cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
