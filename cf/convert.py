@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cf.atomic import atomic_write_text
+from cf.encoder_base import resolve_dtype
 from cf.lora import EXPORT_KEY, has_lora, merge_lora_state_dict, strip_peft_prefix
 from cf.weights import (
     from_diffusers,
@@ -181,11 +182,11 @@ def export_teacher(checkpoint: str | Path, out: str | Path, dtype: torch.dtype |
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
-_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("keep", "bfloat16", "float16", "float32")
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype | None:
-    return _DTYPES[args.dtype]
+    return None if args.dtype == "keep" else resolve_dtype(args.dtype)
 
 
 def run_teacher(args: argparse.Namespace) -> None:
@@ -251,7 +252,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     teacher = commands.add_parser("teacher", help="TeacherERFT checkpoint -> merged Wan-layout safetensors")
     teacher.add_argument("checkpoint", help="Lightning .ckpt file (or ZeRO checkpoint directory) of `cf fit`")
     teacher.add_argument("out", help="output .safetensors (config.json is written beside it)")
-    teacher.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+    teacher.add_argument("--dtype", choices=_DTYPES, default="keep", help=dtype_help)
     teacher.add_argument("--prefix", default=None, help="submodule holding the DiT (default: the recorded one, "
                          "'network')")
     teacher.set_defaults(func=run_teacher)
@@ -264,7 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         command.add_argument("input", help="weights file or folder (.safetensors, sharded index, .pt, diffusers "
                              "transformer/ folder)")
         command.add_argument("out", help="output .safetensors")
-        command.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+        command.add_argument("--dtype", choices=_DTYPES, default="keep", help=dtype_help)
         command.set_defaults(func=func)
 
     zero = commands.add_parser("zero", help="sharded DeepSpeed checkpoint -> Wan-layout safetensors per engine")
@@ -274,6 +275,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="engine(s) to export (default: all engines of the checkpoint)")
     zero.add_argument("--lora-alpha", type=float, default=None,
                       help="LoRA alpha for merging (default: recorded in the checkpoint, else the rank: scale 1)")
-    zero.add_argument("--dtype", choices=sorted(_DTYPES), default="keep", help=dtype_help)
+    zero.add_argument("--dtype", choices=_DTYPES, default="keep", help=dtype_help)
     zero.set_defaults(func=run_zero)
     return parser
