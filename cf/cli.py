@@ -3,7 +3,7 @@
 - `cf fit|validate|test|predict --config configs/....yaml` — LightningCLI: any LightningModule / LightningDataModule
   selected by `class_path` in the YAML; the resolved config is saved next to the logs, so
   `cf fit --config <run>/config.yaml --ckpt_path <ckpt>` resumes a run.
-- `cf demo|toy-base|generate|evaluate|convert|data ...` — the project's tools (`cf <command> --help`).
+- `cf demo|toy-base|generate|serve|evaluate|convert|data ...` — the project's tools (`cf <command> --help`).
 
 Run from the command line, a mistake the user can fix (a missing file, a bad value: FileNotFoundError, ValueError,
 KeyError, ...) prints one line, ``cf: error: <message>``, and exits with status 2; ``cf --debug <command> ...`` (or
@@ -29,6 +29,7 @@ TOOL_MODULES = {
     "demo": "cf.demo",
     "toy-base": "cf.toy_base",
     "generate": "cf.generate",
+    "serve": "cf.serve",
     "evaluate": "cf.evaluation.cli",
     "convert": "cf.convert",
     "data": "data.cli",
