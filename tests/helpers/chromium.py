@@ -139,6 +139,8 @@ class HeadlessChromium:
                 pages = [t for t in json.load(response) if t.get("type") == "page"]
             self.ws = WebSocket(pages[0]["webSocketDebuggerUrl"], timeout=self.timeout)
             self.call("Page.enable")
+            self.call("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                      deviceScaleFactor=1, mobile=False)
             self.call("Page.navigate", url=self.url)
         except BaseException:
             self.__exit__()
