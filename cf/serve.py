@@ -248,6 +248,7 @@ class LiveServer:
         self.live: LiveGeneration | None = None
         self.settings: Settings | None = None
         self.status = "idle"  # idle | running | finished | stopped | error
+        self.last_slots: list[dict[str, Any]] = []  # the slot table after the latest chunk
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -264,7 +265,7 @@ class LiveServer:
                                   tuple(spec.latent_size), self.memory_config(settings.memory),
                                   SamplingConfig(**spec.sampling), settings.seed, settings.recache)
             self.session += 1
-            self.settings, self.status, self.live = settings, "running", live
+            self.settings, self.status, self.live, self.last_slots = settings, "running", live, []
             self._stop = threading.Event()
             chunks = latent_frames_for(settings.seconds, spec.fps, spec.frames_per_chunk) // spec.frames_per_chunk
             self.events.publish("start", {"session": self.session, "settings": asdict(settings), "chunks": chunks,
@@ -295,14 +296,13 @@ class LiveServer:
 
     def state(self) -> dict[str, Any]:
         live = self.live
-        slots = slot_table(live.memory)[0] if live is not None else []
         return {"status": self.status, "session": self.session,
                 "settings": asdict(self.settings) if self.settings else None,
                 "defaults": asdict(self.defaults), "memory_choices": list(MEMORY_CHOICES),
                 "recache_choices": list(RECACHE_CHOICES), "max_seconds": self.max_seconds,
                 "chunks_done": live.chunks_done if live else 0, "prompt": live.prompt if live else None,
                 "switches": [{"chunk": c, "prompt": p} for c, p in (live.switches if live else [])],
-                "slots": slots, **self.info()}
+                "slots": self.last_slots, **self.info()}
 
     def _run(self, session: int, live: LiveGeneration, settings: Settings, chunks: int, stop: threading.Event
              ) -> None:
@@ -319,6 +319,7 @@ class LiveServer:
                     break
                 chunk = live.step()
                 shown += len(chunk.pixels)
+                self.last_slots = chunk.slots
                 self.events.publish("chunk", {
                     "session": session, "index": chunk.index, "start_frame": chunk.start_frame,
                     "prompt": chunk.prompt, "switched": chunk.switched, "slots": chunk.slots,
