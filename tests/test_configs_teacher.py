@@ -208,7 +208,7 @@ def test_wan_teacher_data_pipeline_gives_only_those_inputs(monkeypatch: pytest.M
             writer.write(numbered_video_sample(key, seconds))
     cli = wan_teacher(monkeypatch, tmp_path, "--data.init_args.train_urls", url, "--data.init_args.val_urls", url,
                       "--data.init_args.height", "8", "--data.init_args.width", "8",
-                      "--data.init_args.num_workers", "0", "--data.init_args.batches_per_epoch", "10")
+                      "--data.init_args.num_workers", "0", "--data.init_args.batches_per_epoch", "40")
     trained = trained_teacher_inputs(cli)
     data = cli.datamodule
     assert (data.train_config.min_frames, data.train_config.num_frames) == (160, None)
@@ -220,7 +220,7 @@ def test_wan_teacher_data_pipeline_gives_only_those_inputs(monkeypatch: pytest.M
         assert signature(batch["layout"][0], layout) in trained
         if batch["layout"] == ["long"]:
             assert batch["frame_index"][0, :9].tolist() == list(range(9))  # the sink: the video's first frames
-    assert skipped >= 1  # the 9 s video
+    assert skipped >= 1  # the 9 s video (a quarter of the draws: 40 batches see it for any shuffle order)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
