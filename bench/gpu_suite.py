@@ -466,7 +466,9 @@ def run_training(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates: 
         from cf.strategies import DeepSpeedStrategy
 
         strategy_args = stage2["trainer"]["strategy"]["init_args"]
-        ds_config = dict(strategy_args["config"])
+        ds_config = strategy_args["config"]  # the YAML names configs/deepspeed/*.json (or gives the mapping)
+        ds_config = dict(json.loads((ROOT / ds_config).read_text()) if isinstance(ds_config, str) else ds_config)
+        ds_config.setdefault("train_micro_batch_size_per_gpu", int(strategy_args.get("logging_batch_size_per_gpu", 1)))
         if device.type != "cuda":
             ds_config.pop("bf16", None)
         engines = {name: {"gradient_accumulation_steps": 1,
