@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -313,3 +314,13 @@ def test_student_checkpoint_exports_and_generates(student_runs: dict[str, Any], 
     frames, fps = decode_mp4(video)
     assert frames.shape == (1 + 4 * 5, 32, 32, 3) and fps == 16  # 6 latent frames of 4x4 -> 21 frames of 32x32
     assert frames.std() > 0
+
+    # each checkpoint form generates the same video as its export: the DeepSpeed folder (EMA) and a Wan-layout
+    # export of the same EMA weights, same prompt and seed
+    ema_export = save_wan_weights(load_generator(spec, ckpt), tmp_path / "ema_export" / "generator.safetensors")
+    videos = {}
+    for name, source in (("folder", ckpt), ("export", ema_export)):
+        (path,) = generate_videos(spec, load_generator(spec, source), [PROMPTS[0]], tmp_path / name, seconds=1.0,
+                                  progress=False, seed=3, lossless=True)
+        videos[name] = decode_mp4(path)[0]
+    assert videos["folder"].std() > 0 and np.array_equal(videos["folder"], videos["export"])
