@@ -86,6 +86,20 @@ def test_toy_configs_run_stage0_to_stage2(toy_env):
     assert toy_env["CF_STUDENT_STAGE1"].is_file()
     spec = json.loads((toy_env["CF_STUDENT_STAGE1"].parent / "config.json").read_text())
     assert spec["memory"]["slow"] == 12 and spec["latent_size"] == [4, 4]
+    # the Lightning checkpoint generates the same video as the export written at the end of fit (the EMA has not
+    # started in 3 steps, so both hold the training weights)
+    from cf.generate import GeneratorSpec, generate_videos, load_generator
+    from cf.video_io import decode_mp4
+
+    generator_spec = GeneratorSpec.load(toy_env["CF_STUDENT_STAGE1"].parent / "config.json")
+    (checkpoint,) = Path(stage1.trainer.log_dir, "checkpoints").glob("last*.ckpt")
+    videos = []
+    for source in (checkpoint, toy_env["CF_STUDENT_STAGE1"]):
+        (path,) = generate_videos(generator_spec, load_generator(generator_spec, source), ["a red circle"],
+                                  toy_env["CF_RUNS"] / f"videos_{Path(source).suffix[1:]}", seconds=1.0,
+                                  progress=False, seed=3, lossless=True)
+        videos.append(decode_mp4(path)[0])
+    assert videos[0].std() > 0 and (videos[0] == videos[1]).all()
 
     stage2 = cli(["fit", "--config", "configs/toy/student_stage2.yaml", *SHRINK,
                   "--model.init_args.rollout.min_blocks=4", "--model.init_args.rollout.max_blocks=5",
