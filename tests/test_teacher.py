@@ -31,7 +31,15 @@ TOY_SEGMENTS = {"sink": 3, "sparse": 2, "motion": 6, "target": 6}
 
 
 def toy_config() -> dict[str, Any]:
-    return yaml.safe_load(TOY_YAML.read_text())
+    """The toy teacher YAML as these tests use it: training from scratch (random initial weights, lr 1e-3, shift 5)
+    of a 3-layer DiT on whole-clip long layouts (the YAML itself fine-tunes the shipped toy base on a clip mix,
+    which tests/test_configs_teacher.py covers)."""
+    config = yaml.safe_load(TOY_YAML.read_text())
+    config["model"]["init_args"].update(
+        init_weights=None, layout="long", text_encoder_args={"dim": 32, "max_length": 8}, lr=1.0e-3, shift=5.0,
+        network={"dim": 96, "ffn_dim": 256, "freq_dim": 32, "text_dim": 32, "text_len": 8, "in_dim": 4, "out_dim": 4,
+                 "num_heads": 2, "num_layers": 3})
+    return config
 
 
 def toy_teacher(**overrides: Any) -> TeacherERFT:
@@ -300,7 +308,7 @@ def test_continue_video_method_uses_the_network_and_configured_prompt() -> None:
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = module.continue_video(layout.context, text, 6, num_inference_steps=3, generator=g1)
     negative = module.text_encoder([module.sampling_config.negative_prompt])
-    b = continue_latents(module.network, layout.context, text, 6, sampling_sigmas(3, 5.0),
+    b = continue_latents(module.network, layout.context, text, 6, sampling_sigmas(3, module.sampling_config.shift),
                          module.sampling_config.guidance_scale, negative, generator=g2)
     assert a.shape == (1, 4, 6, 8, 8)
     torch.testing.assert_close(a, b)
