@@ -36,6 +36,7 @@ from cf.atomic import atomic_write_text
 from cf.encoders import build_autoencoder, build_text_encoder, resolve_dtype
 from cf.export import GeneratorSpec, is_training_checkpoint, read_generator_weights
 from cf.init_frames import encode_init_frames, read_init_frames
+from cf.launch import process_share
 from cf.models.wan import CausalWanDiT
 from cf.prompt_schedule import PromptSchedule, latent_frames_for, parse_prompt_schedule  # noqa: F401 (re-exported)
 from cf.recache import parse_regions
@@ -347,16 +348,6 @@ def generation_dtypes(device: str | torch.device, dtype: str, encoder_dtype: str
     dit = resolve_dtype("bfloat16" if dtype == "auto" and cuda else "float32" if dtype == "auto" else dtype)
     encoders = ("bfloat16" if cuda else spec.encoder_dtype) if encoder_dtype == "auto" else encoder_dtype
     return dit, encoders
-
-
-def process_share(count: int) -> list[int]:
-    """The prompt indices this process generates: all of them, or under torchrun (``RANK`` / ``WORLD_SIZE``) every
-    ``WORLD_SIZE``-th one from ``RANK``. Names and seeds follow the global index, so no two processes write the
-    same file and the videos equal a single process's."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with torchrun")
-    return list(range(rank, count, world))
 
 
 def frame_size(spec: GeneratorSpec) -> tuple[int, int]:
