@@ -102,14 +102,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     if not (paths["data"] / "val" / "prompts.txt").exists():
         run_stage(cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
-                   "--val-clips", str(cfg.num_val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction),
-                   "--seed", "0"], env, log, "dataset")
+                        "--val-clips", str(cfg.num_val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction),
+                        "--seed", "0"], env, log, "dataset")
 
     if not paths["teacher"].exists():
         run_stage(cf + ["fit", "--config", str(CONFIGS / "teacher_erft.yaml"), *seeded,
-                   "--data.init_args.train_urls", shard_urls(paths["data"] / "train"),
-                   "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
-                   "--trainer.max_steps", str(cfg.teacher_steps)], env, log, "teacher ERFT (from the toy base)")
+                        "--data.init_args.train_urls", shard_urls(paths["data"] / "train"),
+                        "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
+                        "--trainer.max_steps", str(cfg.teacher_steps)], env, log, "teacher ERFT (from the toy base)")
         ckpt = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
         run_stage(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
     teacher_quality = _teacher_quality(cfg, paths, out, log)
@@ -117,9 +117,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     if not paths["ode_pairs"].exists():
         run_stage(cf + ["data", "ode-pairs", "--teacher", str(paths["teacher"]),
                         "--prompts", str(paths["data"] / "train" / "prompts.txt"),
-                        "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), "--num-frames", "6",
-                        "--latent-size", "8", "8", "--num-steps", "48", "--shift", "1", "--guidance", "3",
-                        "--negative-prompt", "", "--text-encoder-args", '{"dim": 32, "max_length": 16}',
+                        "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), *_ode_pair_arguments(),
                         "--batch-size", "16", "--seed", str(cfg.seed)], env, log, "stage 0 data (teacher ODE pairs)")
     if not eval_prompts.exists():
         val_prompts = (paths["data"] / "val" / "prompts.txt").read_text().splitlines()
@@ -156,6 +154,24 @@ def run_demo(cfg: DemoConfig) -> Path:
     report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality)
     print(f"\nreport: {report}")
     return report
+
+
+def _ode_pair_arguments() -> list[str]:
+    """`cf data ode-pairs` settings read from the toy configs: the stage-0 student's latent size, text encoder and
+    timestep shift (48 Euler steps, so the stored steps 0 12 24 36 land on its denoising steps), the stage-1
+    window's target length (the toy base's clip length), the teacher's guidance scale and negative prompt."""
+    import yaml
+
+    def init_args(name: str) -> dict:
+        return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+
+    stage0, stage1 = init_args("student_stage0.yaml"), init_args("student_stage1.yaml")
+    sampling = init_args("teacher_erft.yaml")["sampling"]
+    return ["--num-frames", str(stage1["window"]["target_frames"]),
+            "--latent-size", *map(str, stage0["latent_size"]), "--num-steps", "48",
+            "--shift", str(stage0["timestep_shift"]), "--guidance", str(sampling["guidance_scale"]),
+            "--negative-prompt", str(sampling["negative_prompt"]),
+            "--text-encoder-args", json.dumps(stage0["text_encoder_args"])]
 
 
 def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:

@@ -49,9 +49,13 @@ def run_stage(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, **env}, check=True)
     seconds = time.perf_counter() - start
+    _record(log, name, cmd, seconds)
+    return seconds
+
+
+def _record(log: list[dict], name: str, cmd: list[str], seconds: float) -> None:
     log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
     print(f"=== {name} done in {seconds:.0f} s", flush=True)
-    return seconds
 
 
 def shard_urls(folder: Path) -> str:
@@ -103,8 +107,7 @@ def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], 
                 failed = failed or subprocess.CalledProcessError(proc.returncode, cmd)
                 print(f"=== {name} FAILED (exit {proc.returncode}) after {seconds:.0f} s", flush=True)
                 continue
-            log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
-            print(f"=== {name} done in {seconds:.0f} s", flush=True)
+            _record(log, name, cmd, seconds)
         time.sleep(1.0)
     if failed is not None:
         raise failed

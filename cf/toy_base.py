@@ -70,6 +70,7 @@ def held_out_clips(val_dir: str | Path, limit: int, named_only: bool = True) -> 
     """Up to ``limit`` clips of the shards in ``val_dir`` (sorted), each ``{"key", "caption", "gt", "frames"}``
     (frames uint8 ``[T, H, W, 3]`` decoded from the shard); with ``named_only`` only clips whose caption names the
     background colour and the sprite colours."""
+    from cf.evaluation.prompted import measured_attributes
     from cf.video_io import decode_mp4
 
     shards = sorted(Path(val_dir).glob("shard-*.tar"))
@@ -85,8 +86,7 @@ def held_out_clips(val_dir: str | Path, limit: int, named_only: bool = True) -> 
         for key in sorted(members):
             sample = members[key]
             gt = json.loads(sample["json"])
-            names = set(gt.get("caption", {}).get("names", ["background_color", "sprite_colors"]))
-            if named_only and not {"background_color", "sprite_colors"} <= names:
+            if named_only and measured_attributes(gt) != {"background_color", "sprite_colors"}:
                 continue
             frames, _ = decode_mp4(sample["mp4"])
             clips.append({"key": key, "caption": sample["txt"].decode("utf-8").strip(), "gt": gt, "frames": frames})
@@ -234,8 +234,8 @@ def run_toy_base(cfg: ToyBaseConfig) -> dict[str, Any]:
     log: list[dict] = []
     if not (data / "val" / "prompts.txt").exists():
         run_stage(cf + ["data", "synth", "--out", str(data), "--num-clips", str(cfg.num_clips), "--val-clips",
-                   str(cfg.val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction), "--seed", str(cfg.seed)],
-             env, log, "dataset")
+                        str(cfg.val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction), "--seed", str(cfg.seed)],
+                  env, log, "dataset")
     record: dict[str, Any] = json.loads((weights / "base.json").read_text()) if (weights / "base.json").is_file() \
         else {}
     if not cfg.evaluate_only:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cf.evaluation.prompted import prompt_fidelity
+from cf.evaluation.prompted import measured_attributes, prompt_fidelity
 
 __all__ = ["continuation_psnr", "all_attributes", "continuation_quality"]
 
@@ -54,20 +54,21 @@ def continuation_quality(network, autoencoder, text_encoder, clips: Sequence[Map
     """Score ``network``'s continuations of ``clips`` (each ``{"caption", "gt", "frames" uint8 [T, H, W, 3]}``,
     as `cf.toy_base.held_out_clips` returns them; the last frames of each clip are the target) under the long
     layout ``layout_config`` (`LongLayoutConfig`) with ``sampling`` (``num_inference_steps``, ``shift``,
-    ``guidance_scale``). Returns the mean scores (``generated``, ``truth``), their ratio and per-clip rows; the
-    noise of clip i is drawn from ``seed + i`` so two networks are compared on the same noise."""
+    ``guidance_scale``). Returns the mean scores of the continuations and of the true continuations (``truth_*``)
+    over all clips and over those whose caption leaves the colours unnamed, and per-clip rows; the noise of clip i
+    is drawn from ``seed + i`` so two networks are compared on the same noise."""
     from cf.diffusion import sampling_sigmas
     from cf.sampling import continue_latents
     from cf.teacher_layout import long_layout
 
     sigmas = sampling_sigmas(int(sampling["num_inference_steps"]), float(sampling["shift"]))
+    negative = text_encoder([str(sampling.get("negative_prompt", ""))])
     rows = []
     network.eval()
     for i, clip in enumerate(clips):
         video = torch.from_numpy(np.ascontiguousarray(clip["frames"])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         layout = long_layout(video, autoencoder, layout_config)
         text = text_encoder([clip["caption"]])
-        negative = text_encoder([str(sampling.get("negative_prompt", ""))])
         generator = torch.Generator().manual_seed(int(seed) + i)
         target = layout.target
         sampled = continue_latents(network, layout.context, text, target.shape[2], sigmas,
@@ -75,8 +76,7 @@ def continuation_quality(network, autoencoder, text_encoder, clips: Sequence[Map
         generated, truth = _decode(autoencoder, sampled), _decode(autoencoder, target)
         gt = all_attributes(clip["gt"])
         score, reference = prompt_fidelity(generated, gt), prompt_fidelity(truth, gt)
-        named = set(clip["gt"].get("caption", {}).get("names", ["background_color", "sprite_colors"]))
-        names_colours = {"background_color", "sprite_colors"} <= named
+        names_colours = measured_attributes(clip["gt"]) == {"background_color", "sprite_colors"}
         rows.append({"caption": clip["caption"], "caption_names_colours": names_colours,
                      "psnr_db": continuation_psnr(generated, truth),
                      "background_coverage": score["background_coverage"], "sprite_presence": score["sprite_presence"],
