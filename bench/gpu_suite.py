@@ -9,7 +9,8 @@ Sections (each failure is recorded in the results and the suite goes on):
   from the profiler's op names);
 - streaming: random-init Wan2.1-1.3B and Wan VAE in bf16, `callbacks.throughput.measure_stream_throughput` per
   memory preset, eager and with `torch.compile` of the DiT blocks (FPS including decode, first-chunk latency,
-  per-chunk time early vs late, peak memory);
+  per-chunk time early vs late, peak memory), and a slow_fast chunk split into DiT and decode with their top
+  operators (`bench/suite_breakdown.py`);
 - training: one trainer step of `cf.lit.student.CDMDStudent` configured as configs/wan1.3b/student_stage2.yaml (one
   prompt per update), under `cf.strategies.DeepSpeedStrategy` when deepspeed imports, else plain PyTorch.
 
@@ -26,10 +27,8 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the project and flop_model, i
 import torch  # noqa: E402
 
 import flop_model as fm  # noqa: E402
+from suite_streaming import num_latent_frames, run_streaming  # noqa: E402
 from suite_table import format_floors, format_table  # noqa: E402
 from suite_timing import free_memory, guarded, peak_memory_gib, synchronize, time_call  # noqa: E402
 
@@ -52,9 +52,6 @@ STAGE2_CONFIG = ROOT / "configs" / "wan1.3b" / "student_stage2.yaml"
 # the stage-2 step at tiny sizes: a 15-frame rollout, a 6 + 6 teacher window, 3 frames with grad
 TINY_STEP = {"window": {"context_frames": 6, "target_frames": 6},
              "rollout": {"min_blocks": 5, "max_blocks": 5, "decay_steps": 0, "grad_window_frames": 3}}
-FPS = 16
-
-
 @dataclasses.dataclass
 class Sizes:
     """What the suite runs; `real` is the default, `small` the GPU test, `dry_run` the CPU check."""
@@ -114,12 +111,6 @@ class Sizes:
 
 
 _VAE_COSTS: dict[tuple[str, tuple[int, int]], fm.VaeCost] = {}
-
-
-def num_latent_frames(seconds: float, frames_per_chunk: int = 3) -> int:
-    """Whole chunks covering ``seconds`` of 16 fps video (pixel frames = 1 + 4(n - 1))."""
-    n = (max(1, round(seconds * FPS)) - 1 + 3) // 4 + 1
-    return max(2, math.ceil(n / frames_per_chunk)) * frames_per_chunk
 
 
 # -------------------------------------------------------------------------------------------------------- ceilings
@@ -298,94 +289,6 @@ def run_kernels(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates: d
         picks[name] = guarded(pick)
         free_memory(device)
     return {"tokens_per_frame": p, "tolerance": tolerance, "rows": rows_out, "attention_picks": picks}
-
-
-# ------------------------------------------------------------------------------------------------------- streaming
-def build_autoencoder(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> Any:
-    """A random-init Wan VAE (diffusers `AutoencoderKLWan` from its config, nothing downloaded)."""
-    from diffusers import AutoencoderKLWan
-
-    from cf.encoders import WanVideoAutoencoder
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        vae = AutoencoderKLWan(**sizes.vae_kwargs())
-    return WanVideoAutoencoder(vae.to(dtype)).to(device)
-
-
-def window_ms(chunk_ms: list[float], start_s: float, end_s: float) -> float | None:
-    """Median ms of the chunks whose last pixel frame falls in [start_s, end_s) of video."""
-    picked = [ms for i, ms in enumerate(chunk_ms) if start_s <= (1 + 4 * (3 * i + 2)) / FPS < end_s]
-    return statistics.median(picked) if picked else None
-
-
-def run_streaming(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates: dict[str, float],
-                  deadline: float, compile_runs: bool) -> dict[str, Any]:
-    from torch import nn
-
-    from callbacks.throughput import measure_stream_throughput
-    from cf.memory import MemoryConfig
-    from cf.models.wan import CausalWanDiT
-
-    config = sizes.wan_config()
-    shape = fm.DiTShape.of(config)
-    p = fm.tokens_per_frame(shape, sizes.latent_hw)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = CausalWanDiT(config).to(dtype).eval()
-    text = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
-    notes: list[str] = []
-    try:
-        autoencoder = build_autoencoder(sizes, device, dtype)
-        vae_cost = sizes.vae_cost()
-    except Exception as error:  # noqa: BLE001 - measure the DiT alone and say so
-        autoencoder, vae_cost = None, None
-        notes.append(f"no VAE ({type(error).__name__}: {error}); FPS excludes decode")
-    eager_blocks = model.blocks
-    compiled_blocks = None
-    runs = []
-    for compiled in (False, True) if compile_runs else (False,):
-        runs += [(preset, seconds, compiled) for preset, seconds in sizes.stream_seconds
-                 if not compiled or preset in sizes.compiled_presets]
-    runs.sort(key=lambda r: (r[0] != "slow_fast", r[2]))  # slow_fast eager, slow_fast compiled, then the others
-    results, last_chunk_s = [], {}
-    for preset, seconds, compiled in runs:
-        frames = num_latent_frames(seconds)
-        base = {"preset": preset, "compiled": compiled, "seconds": (1 + 4 * (frames - 1)) / FPS,
-                "latent_frames": frames}
-        estimate = frames / 3 * last_chunk_s.get(compiled, last_chunk_s.get(False, 0.0)) * 1.3 + \
-            (60.0 if compiled and compiled_blocks is None and device.type == "cuda" else 0.0)
-        left = deadline - time.perf_counter()
-        if estimate > left:
-            results.append({**base, "status": f"skipped: time budget ({left:.0f} s left, about {estimate:.0f} s "
-                                              "needed)"})
-            continue
-        if compiled and compiled_blocks is None:
-            compiled_blocks = nn.ModuleList([torch.compile(b, backend=sizes.compile_backend) for b in eager_blocks])
-        model.blocks = compiled_blocks if compiled else eager_blocks
-        warmup = sizes.compiled_warmup_chunks if compiled else sizes.eager_warmup_chunks
-
-        def measure() -> dict[str, Any]:
-            started = time.perf_counter()
-            result = measure_stream_throughput(model, text, frames, sizes.latent_hw, preset, autoencoder, warmup)
-            capacity = MemoryConfig.preset(preset).capacity
-            floor = fm.stream_floor(shape, p, frames, capacity, vae=vae_cost, element_bytes=dtype.itemsize)
-            chunk_ms = result["chunk_ms"]
-            return {**result, "wall_s": time.perf_counter() - started,
-                    "ms_10_20s": window_ms(chunk_ms, 10.0, 20.0),
-                    "ms_last_10s": window_ms(chunk_ms, result["pixel_frames"] / FPS - 10.0, math.inf),
-                    "floor_fps": floor.steady_fps(**rates), "floor_latency_s": floor.first_chunk_latency_s(**rates),
-                    "floor_chunk_ms_last": 1e3 * floor.chunk_s(len(floor.chunk_work) - 1, **rates),
-                    "dit_tflop_last_chunk": floor.chunk_work[-1].flops / 1e12,
-                    "vae_tflop_steady_chunk": floor.decode_flops[-1] / 1e12}
-
-        out = {**base, **guarded(measure)}
-        if out["status"] == "ok":
-            last_chunk_s[compiled] = out["chunk_ms_mean"] / 1e3 * (1.5 if preset == "full" else 1.0)
-        results.append(out)
-    model.blocks = eager_blocks
-    return {"tokens_per_frame": p, "includes_decode": vae_cost is not None, "notes": notes, "runs": results,
-            "compile_backend": sizes.compile_backend}
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -567,6 +470,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "config": dataclasses.asdict(sizes)}}
     deadline = started + sizes.budget_s
+
+    def save_partial() -> None:  # what is measured so far survives a killed run
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
     results["model_floors"] = guarded(lambda: model_floors(sizes, nominal))  # at the nominal rates
     results["ceilings"] = guarded(lambda: measure_ceilings(sizes, device, dtype))
     rates = dict(nominal)
@@ -575,11 +482,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "bytes_per_s": results["ceilings"]["copy_bytes_per_s"]}
     if "kernels" in sections:
         results["kernels"] = guarded(lambda: run_kernels(sizes, device, dtype, rates))
+        save_partial()
         free_memory(device)
     if "streaming" in sections:
         stream_deadline = deadline - (sizes.training_reserve_s if "training" in sections else 0.0)
         results["streaming"] = guarded(lambda: run_streaming(sizes, device, dtype, rates, stream_deadline,
                                                              not args.no_compile))
+        save_partial()
         free_memory(device)
     if "training" in sections:
         with tempfile.TemporaryDirectory(prefix="gpu_suite_") as workdir:
@@ -587,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                Path(workdir)))
     results["meta"]["wall_s"] = time.perf_counter() - started
     table = format_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    save_partial()
     (out / "table.txt").write_text(table + "\n")
     print(table, flush=True)
     return results

@@ -50,7 +50,26 @@ def _streaming(streaming: dict[str, Any]) -> list[str]:
         lines.append(f"{label} {run['pixel_fps']:7.2f} {run['floor_fps']:7.1f} | {run['first_chunk_latency_s']:7.3f} "
                      f"{run['floor_latency_s']:6.3f} | {_num(early, 9, 1)} {_num(late, 9, 1)} "
                      f"{run['floor_chunk_ms_last']:7.1f} | {run['peak_memory_mib'] / 1024:8.2f}")
+    lines.extend(_breakdown(streaming.get("breakdown")))
     lines.extend(f"  note: {note}" for note in streaming["notes"])
+    return lines
+
+
+def _breakdown(breakdown: dict[str, Any] | None) -> list[str]:
+    if breakdown is None:
+        return []
+    if breakdown.get("status") != "ok":
+        return [f"  slow_fast chunk breakdown: {breakdown.get('status')}"]
+    line = (f"  slow_fast chunk breakdown (eager, each part alone): DiT {breakdown['dit_chunk_ms_late']:.1f} ms "
+            f"(floor {breakdown['dit_floor_ms']:.1f})")
+    if "decode_chunk_ms" in breakdown:
+        line += f", decode {breakdown['decode_chunk_ms']:.1f} ms (floor {breakdown['decode_floor_ms']:.1f})"
+    lines = [line]
+    for part in ("dit", "decode"):
+        ops = breakdown.get(f"{part}_top_ops")
+        if ops:
+            top = ", ".join(f"{op['op']} {op['ms']:.1f}" for op in ops[:5])
+            lines.append(f"    top {part} ops, ms per chunk: {top}")
     return lines
 
 

@@ -208,6 +208,15 @@ def check_results(results: dict, table: str, mode: str) -> None:
         for key in ("pixel_fps", "first_chunk_latency_s", "chunk_ms_early", "chunk_ms_late", "peak_memory_mib",
                     "floor_fps", "floor_latency_s", "floor_chunk_ms_last"):
             assert math.isfinite(run[key]) and run[key] > 0, (key, run)
+    breakdown = results["streaming"]["breakdown"]
+    assert breakdown["status"] == "ok", breakdown
+    for key in ("dit_chunk_ms_late", "dit_floor_ms", "decode_chunk_ms", "decode_floor_ms"):
+        assert math.isfinite(breakdown[key]) and breakdown[key] > 0, (key, breakdown)
+    for part in ("dit_top_ops", "decode_top_ops"):
+        ops = breakdown[part]
+        assert ops and all(op["ms"] > 0 and op["calls"] > 0 for op in ops), (part, ops)
+        assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
+    assert any("conv" in op["op"] for op in breakdown["decode_top_ops"])  # the VAE decoder is convolutions
     training = results["training"]
     assert training["step_s"] > 0 and training["peak_memory_gib"] > 0 and training["floor_s"] > 0
     assert math.isfinite(training["metrics"]["generator_loss"]) and math.isfinite(training["metrics"]["critic_loss"])
@@ -218,6 +227,7 @@ def check_results(results: dict, table: str, mode: str) -> None:
     for header in ("ceilings:", "kernels:", "streaming (", "training:"):
         assert sum(line.startswith(header) for line in lines) == 1, header
     assert "attention() picks: chunk -> " in table
+    assert "slow_fast chunk breakdown (eager, each part alone): DiT " in table
 
 
 def test_dry_run_writes_every_section(tmp_path, capsys):
@@ -257,3 +267,22 @@ def test_small_run_on_a_gpu(tmp_path):
     ran = {row["backend"] for row in results["kernels"]["rows"] if row["status"] == "ok"}
     assert {"sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "auto"} <= ran
     assert results["streaming"]["runs"][0]["memory_kind"] == "cuda_max_allocated"
+
+
+def test_top_operators_ranks_by_time_per_repeat():
+    """The profiler summary: a function doing 3 large matrix products and one small addition per repeat reports
+    the product first, with 3 calls per repeat."""
+    from suite_streaming import top_operators
+
+    a = torch.randn(256, 256)
+
+    def work() -> None:
+        for _ in range(2):  # two repeats
+            for _ in range(3):
+                a @ a
+            a[:2, :2] + 1
+
+    ops = top_operators(work, torch.device("cpu"), per=2)
+    assert ops[0]["op"] in ("aten::mm", "aten::matmul") and ops[0]["calls"] == 3
+    assert any(op["op"] == "aten::add" and op["calls"] == 1 for op in ops)
+
