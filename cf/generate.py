@@ -52,9 +52,12 @@ def slug(text: str, limit: int = 40) -> str:
 def load_generator(spec: GeneratorSpec, weights: str | Path | None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, use_ema: bool = True) -> CausalWanDiT:
     """The causal student with `weights` loaded strictly (`cf.export.read_generator_weights`: an export or a training
-    checkpoint, EMA weights first when ``use_ema``); random weights when None. Weights holding NaN/inf are refused
+    checkpoint, EMA weights first when ``use_ema``); random weights when None, the same on every call (drawn from
+    seed 0, the global random state untouched). Weights holding NaN/inf are refused
     (`cf.weights.NonFiniteWeightsError`)."""
-    model = CausalWanDiT(spec.model_config(), frames_per_chunk=spec.frames_per_chunk)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CausalWanDiT(spec.model_config(), frames_per_chunk=spec.frames_per_chunk)
     if weights is not None:
         state = read_generator_weights(weights, use_ema)
         check_finite_weights(state, weights, action="generate from")
@@ -197,6 +200,8 @@ def generate_videos(
     The encoders run in ``encoder_dtype`` (default: the spec's); with ``offload_text_encoder`` every prompt is
     embedded first and the text encoder then moves to the CPU (umT5-XXL is ~11 GB in bf16). ``lossless`` stores the
     frames exactly (`cf.video_io.Mp4Writer`).
+    A video made from a schedule of two or more prompts also gets ``<name>.segments.json``, the pixel frames each
+    prompt conditions (`cf.evaluation.segments`; `cf evaluate` scores each segment against its own prompt).
     Repeated names get a ``_2``, ``_3`` suffix; existing files are an error (FileExistsError, before anything is
     generated) unless ``overwrite``. Each mp4 appears under its name only when complete. On SIGINT / SIGTERM the
     current chunk is finished, the videos of the batch in progress are closed as playable mp4s of the chunks done,
@@ -210,7 +215,7 @@ def generate_videos(
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     if len(names) != len(prompts) or len(seeds) != len(prompts):
         raise ValueError(f"{len(names)} names and {len(seeds)} seeds for {len(prompts)} prompts")
-    existing = [out_dir / f"{n}{suffix}" for n in names for suffix in (".mp4", ".txt")
+    existing = [out_dir / f"{n}{suffix}" for n in names for suffix in (".mp4", ".txt", ".segments.json")
                 if (out_dir / f"{n}{suffix}").exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists ({len(existing)} of the output files do); pass "
@@ -281,8 +286,22 @@ def generate_videos(
             for writer, text, name in zip(writers, batch_texts, batch_names):
                 writer.close()
                 atomic_write_text(out_dir / f"{name}.txt", text + "\n")
+                _write_segments(out_dir / f"{name}.segments.json", plans[batch.start], spec)
                 paths.append(out_dir / f"{name}.mp4")
     return paths
+
+
+def _write_segments(path: Path, plan: tuple[PromptSchedule, list[int], int], spec: GeneratorSpec) -> None:
+    """The pixel frames each prompt of a schedule conditions (`cf.evaluation.segments`), for `cf evaluate`; a
+    one-prompt video has none (a stale file of that name is removed)."""
+    schedule, starts, num_frames = plan
+    if len(schedule.segments) < 2:
+        path.unlink(missing_ok=True)
+        return
+    from cf.evaluation.segments import schedule_segments, write_segments
+
+    segments = schedule_segments(schedule.prompts, starts, num_frames, [s.ground_truth for s in schedule.segments])
+    write_segments(path, segments, spec.fps)
 
 
 def _keep_partial(writers: list[Mp4Writer], prompts: list[str], names: list[str], out_dir: Path) -> list[Path]:

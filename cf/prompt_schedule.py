@@ -2,7 +2,9 @@
 
 Two spellings of the same thing, a list of (prompt, duration) segments played one after the other:
 
-- a JSONL file, one segment a line: ``{"prompt": "a red circle", "seconds": 10}`` (blank lines are skipped);
+- a JSONL file, one segment a line: ``{"prompt": "a red circle", "seconds": 10}`` (blank lines are skipped); a line
+  may add ``"ground_truth": "clip.json"`` (relative to the file), the ground truth of a clip the prompt describes,
+  which `cf generate` passes to the video's ``.segments.json`` for per-segment prompt fidelity (`cf evaluate`);
 - an inline string: ``"a red circle[10s] | a blue square[20s]"`` (the ``s`` is optional: ``[10]``).
 
 The video lasts the sum of the durations. A segment starting at time t conditions every chunk from the first chunk
@@ -39,10 +41,11 @@ def _short(text: str, limit: int = 40) -> str:
 
 @dataclass(frozen=True)
 class PromptSegment:
-    """One prompt held for `seconds` seconds."""
+    """One prompt held for `seconds` seconds; `ground_truth`: optional path of a clip's ground-truth json."""
 
     prompt: str
     seconds: float
+    ground_truth: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,16 +124,22 @@ def _parse_jsonl(path: Path) -> PromptSchedule:
                              f"{_EXAMPLE_LINE}") from None
         if not isinstance(entry, dict):
             raise ValueError(f"{where} is not a JSON object; write one object per line, e.g. {_EXAMPLE_LINE}")
-        unknown = sorted(set(entry) - {"prompt", "seconds"})
+        unknown = sorted(set(entry) - {"prompt", "seconds", "ground_truth"})
         if unknown:
-            raise ValueError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; only \"prompt\" and "
-                             f"\"seconds\" are read, e.g. {_EXAMPLE_LINE}")
+            raise ValueError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; only \"prompt\", "
+                             f"\"seconds\" and \"ground_truth\" are read, e.g. {_EXAMPLE_LINE}")
         prompt = entry.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f'{where}: "prompt" must be a non-empty string; e.g. {_EXAMPLE_LINE}')
         if "seconds" not in entry:
             raise ValueError(f'{where} has no "seconds"; give every segment its duration, e.g. {_EXAMPLE_LINE}')
-        segments.append(PromptSegment(prompt, _seconds_of(entry["seconds"], where)))
+        truth = entry.get("ground_truth")
+        if truth is not None:
+            if not isinstance(truth, str) or not (path.parent / truth).is_file():
+                raise ValueError(f'{where}: "ground_truth" must name an existing json file (relative to '
+                                 f"{path.parent}), got {json.dumps(truth)}")
+            truth = str((path.parent / truth).resolve())
+        segments.append(PromptSegment(prompt, _seconds_of(entry["seconds"], where), truth))
     if not segments:
         raise ValueError(f"prompt schedule {path} holds no segments; write one JSON object per line, e.g. "
                          f"{_EXAMPLE_LINE}")

@@ -242,6 +242,10 @@ def test_inline_and_jsonl_schedules_parse_to_the_same_segments(tmp_path):
     assert parse_prompt_schedule(str(path)) == inline
     assert inline.describe() == "a red circle[10s] | a blue square[20s] | a [x] cat[2.5s]"
     assert parse_prompt_schedule(inline.describe()) == inline
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "c.json").write_text("{}")
+    path.write_text('{"prompt": "a", "seconds": 1, "ground_truth": "clips/c.json"}\n')
+    assert parse_prompt_schedule(str(path)).segments[0].ground_truth == str((tmp_path / "clips" / "c.json").resolve())
 
 
 def test_switch_frames_are_the_first_chunk_boundary_at_or_after_the_switch_time():
@@ -267,7 +271,9 @@ def test_switch_frames_are_the_first_chunk_boundary_at_or_after_the_switch_time(
     ("{dir}/notjson.jsonl", r"notjson\.jsonl line 2 is not JSON \(Expecting value\); write one object per line"),
     ("{dir}/noseconds.jsonl", r'noseconds\.jsonl line 1 has no "seconds"; give every segment its duration'),
     ("{dir}/badseconds.jsonl", r'badseconds\.jsonl line 1: "seconds" must be a positive number, got -2'),
-    ("{dir}/extra.jsonl", r"extra\.jsonl line 1 has unknown key\(s\) 'secs'; only \"prompt\" and \"seconds\""),
+    ("{dir}/extra.jsonl", r"extra\.jsonl line 1 has unknown key\(s\) 'secs'; only \"prompt\", \"seconds\" and "
+                          r"\"ground_truth\" are read"),
+    ("{dir}/truth.jsonl", r'truth\.jsonl line 1: "ground_truth" must name an existing json file'),
     ("{dir}/empty.jsonl", r"empty\.jsonl holds no segments"),
 ])
 def test_schedule_errors_are_one_line_naming_the_fix(tmp_path, value, message):
@@ -276,6 +282,7 @@ def test_schedule_errors_are_one_line_naming_the_fix(tmp_path, value, message):
     (tmp_path / "badseconds.jsonl").write_text('{"prompt": "a", "seconds": -2}\n')
     (tmp_path / "extra.jsonl").write_text('{"prompt": "a", "secs": 2}\n')
     (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "truth.jsonl").write_text('{"prompt": "a", "seconds": 1, "ground_truth": "nowhere.json"}\n')
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         parse_prompt_schedule(value.format(dir=tmp_path))
     assert re.search(message, str(err.value)) and "\n" not in str(err.value), str(err.value)
@@ -285,7 +292,8 @@ def test_generate_cli_makes_one_video_from_a_schedule(tmp_path):
     out = tmp_path / "videos"
     main(["generate", "--prompt-schedule", "a red circle[1s] | a blue square[1s]", "--recache", "fast", "--out",
           str(out), "--device", "cpu"])
-    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.mp4", "000_a_red_circle.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.mp4", "000_a_red_circle.segments.json",
+                                                     "000_a_red_circle.txt"]
     assert (out / "000_a_red_circle.txt").read_text() == "a red circle[1s] | a blue square[1s]\n"
     assert probe_mp4(out / "000_a_red_circle.mp4").num_frames == 1 + 4 * (latent_frames_for(2, 16, 3) - 1)
 

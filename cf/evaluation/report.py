@@ -12,6 +12,10 @@ same-stem ground-truth ``.json``):
   consistency (the CLIP model run again with VBench's own preprocessing, see :mod:`cf.evaluation.features`),
   flashbacks on the CLIP curve.
 
+A video made from a prompt schedule (a same-stem ``.segments.json`` written by `cf generate --prompt-schedule`)
+is also scored segment by segment, each segment as a video of its own and CLIP-T against its own prompt
+(:mod:`cf.evaluation.segments`), under ``segments``; the folder summary averages each segment index.
+
 Per video, ``scalars`` holds the VBench scores ``vbench_subject_consistency`` / ``vbench_background_consistency``
 (×100, VBench's per-video ``video_results``). Folder summaries: windowed metrics are means over the videos that reach
 each timestamp; VBench consistencies are frame-weighted over all videos like VBench's dimension score, i.e. the
@@ -48,6 +52,7 @@ from cf.evaluation.metrics import (
     windowed_first_frame_score,
     windowed_mean,
 )
+from cf.evaluation.segments import SEGMENTS_SUFFIX, VideoSegment, read_segments, segment_metrics, summarize_segments
 from cf.video_io import read_video
 
 PIXEL_CURVES = ("identity_presence", "identity_mass_retained", "background_colour_drift",
@@ -71,6 +76,7 @@ class EvaluationConfig:
     flashback_min_rise: float = 0.1
     flashback_max_rise_s: float = 1.0
     max_videos: int | None = None  # per folder, for quick looks
+    segment_step_s: float = 1.0  # spacing of the segment-relative windows of prompt-schedule segments
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,8 +133,12 @@ def _drop_curves(result: Mapping[str, Any]) -> dict[str, Any]:
 def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, prompt: str | None = None,
                    ground_truth: Mapping[str, Any] | None = None, dino: FrameFeatures | None = None,
                    vbench_dino: FrameFeatures | None = None, clip: FrameFeatures | None = None,
-                   vbench_clip: FrameFeatures | None = None) -> dict[str, Any]:
+                   vbench_clip: FrameFeatures | None = None,
+                   segments: Sequence[VideoSegment] | None = None) -> dict[str, Any]:
     """All metrics of one video (uint8 ``[T, H, W, 3]`` at ``fps``).
+
+    ``segments``: the prompt-schedule segments of the video (``<name>.segments.json``); each is also scored as a
+    video of its own, CLIP-T against its own prompt (`cf.evaluation.segments`), under ``"segments"``.
 
     ``vbench_dino`` / ``vbench_clip`` are the extractors of VBench subject / background consistency; by default the
     ``dino`` extractor, and the ``clip`` model with VBench's preprocessing (``ClipFeatures.with_preprocessing``).
@@ -185,8 +195,13 @@ def evaluate_video(frames: np.ndarray, fps: float, config: EvaluationConfig, pro
             vbench_clip = clip.with_preprocessing("vbench")
         features["vbench_clip"] = vbench_clip.image_features(frames)
         scalars["vbench_background_consistency"] = vbench_video_consistency(features["vbench_clip"])
-    return {"windowed": windowed, "scalars": scalars, "flashbacks": flashbacks, "features": features,
-            "ground_truth": gt_result}
+    result = {"windowed": windowed, "scalars": scalars, "flashbacks": flashbacks, "features": features,
+              "ground_truth": gt_result}
+    if segments is not None:
+        result["segments"] = segment_metrics(small, fps, segments, config.segment_step_s, config.half_width,
+                                             config.min_coverage, features,
+                                             clip.text_features if clip is not None else None)
+    return result
 
 
 def _unique_labels(folders: Sequence[Path]) -> list[str]:
@@ -225,7 +240,10 @@ def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[st
         missing_prompts += prompt is None
         gt_file = path.with_suffix(".json")
         ground_truth = json.loads(gt_file.read_text(encoding="utf-8")) if gt_file.is_file() else None
-        result = evaluate_video(frames, fps, config, prompt, ground_truth, dino, vbench_dino, clip, vbench_clip)
+        segments_file = path.with_name(path.stem + SEGMENTS_SUFFIX)
+        segments = read_segments(segments_file) if segments_file.is_file() else None
+        result = evaluate_video(frames, fps, config, prompt, ground_truth, dino, vbench_dino, clip, vbench_clip,
+                                segments)
         features = result.pop("features")
         if "vbench_dino" in features:
             subject.update(features["vbench_dino"])
@@ -264,6 +282,9 @@ def _evaluate_folder(folder: Path, config: EvaluationConfig, prompts: Mapping[st
         summary["vbench_subject_consistency"] = float(subject.compute())
     if clip is not None:
         summary["vbench_background_consistency"] = float(background.compute())
+    scheduled = [v["segments"] for v in per_video.values() if "segments" in v]
+    if scheduled:
+        summary["segments"] = summarize_segments(scheduled)
     if events:
         summary["gt_identity_recall_anywhere"] = recalled["anywhere"] / events
         summary["gt_identity_recall_at_track"] = recalled["at_track"] / events
