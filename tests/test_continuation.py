@@ -159,3 +159,28 @@ def test_bad_given_frames_fail_with_one_line_naming_the_fix(tmp_path, make, argu
     text = str(stopped.value.code)
     assert re.match(r"^cf generate: " + message, text) and "\n" not in text, text
     assert not out.exists()
+
+
+def test_generate_continues_given_frames_through_the_wan_vae(tmp_path):
+    """The same continuation with the Wan VAE (a tiny random diffusers `AutoencoderKLWan`): the given frames open the
+    video exactly, and the rest is generated conditioned on their latents (it differs from a video without them)."""
+    from diffusers import AutoencoderKLWan
+
+    from cf.export import GeneratorSpec
+    from cf.generate import generate_videos, load_generator
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                     latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae")
+    spec = GeneratorSpec(autoencoder=str(tmp_path / "vae"), latent_size=(2, 2))  # 16 x 16 frames
+    model = load_generator(spec, None)
+    given = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)  # 3 latents: one chunk
+    generate_videos(spec, model, ["a red circle"], tmp_path / "continued", seconds=2, init_frames=given,
+                    lossless=True, progress=False)
+    generate_videos(spec, model, ["a red circle"], tmp_path / "fresh", seconds=2, lossless=True, progress=False)
+    continued, _ = decode_mp4(next((tmp_path / "continued").glob("*.mp4")))
+    fresh, _ = decode_mp4(next((tmp_path / "fresh").glob("*.mp4")))
+    assert len(continued) == len(fresh) == 1 + 4 * (latent_frames_for(2, 16, 3) - 1)
+    assert np.array_equal(continued[:9], given)
+    assert not np.array_equal(continued[9:], fresh[9:])
