@@ -4,7 +4,7 @@ The shadow copy is fp32 (on CPU unless ``keep_on_device``). It is created, as a 
 module's step counter first reaches ``start_step``; after that every batch in which the submodule was stepped applies
 ``θ_ema ← d·θ_ema + (1 − d)·θ``. Validation and test run with the EMA weights swapped in.
 
-DeepSpeed ZeRO-3 (parameters carrying ``ds_tensor``): each rank averages its own partition, so updates need no
+DeepSpeed ZeRO-3 (`cf.zero.is_partitioned_parameter`): each rank averages its own partition, so updates need no
 communication and each rank's checkpoint holds its partition. Swapping in, ``ema_state_dict()`` and
 ``read_ema_weights`` reassemble full tensors; the first two are collective calls on partitioned models.
 """
@@ -21,20 +21,16 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from cf.export import read_ema_weights
-from cf.zero import rank_and_world
+from cf.zero import is_partitioned_parameter, rank_and_world
 
 __all__ = ["EMA"]
 
 _STATE_VERSION = 1
 
 
-def _is_partitioned(param: Tensor) -> bool:
-    return hasattr(param, "ds_tensor") and getattr(param, "ds_tensor", None) is not None
-
-
 def _local_data(param: Tensor) -> Tensor:
     """The part of a parameter this rank owns: the flat ZeRO-3 partition, or the whole tensor."""
-    if not _is_partitioned(param):
+    if not is_partitioned_parameter(param):
         return param.detach()
     local = param.ds_tensor.detach()
     if local.numel() == 0 and param.ds_numel > 0:
@@ -306,7 +302,7 @@ class EMA(Callback):
             for name, p in self._tracked_parameters(module):
                 local = _local_data(p)
                 shadow[name] = local.to(device=self._shadow_device(p), dtype=_shadow_dtype(p), copy=True)
-                partitioned = _is_partitioned(p)
+                partitioned = is_partitioned_parameter(p)
                 layout[name] = {
                     "partitioned": partitioned,
                     "shape": list(p.ds_shape) if partitioned else list(p.shape),
@@ -332,7 +328,7 @@ class EMA(Callback):
                 f"only in the module {extra[:5]}; resume with the model the checkpoint was trained with"
             )
         for name, p in params.items():
-            shape = list(p.ds_shape) if _is_partitioned(p) else list(p.shape)
+            shape = list(p.ds_shape) if is_partitioned_parameter(p) else list(p.shape)
             if shape != self._layout[name]["shape"]:
                 raise ValueError(
                     f"EMA state for {self.attribute}.{name} has shape {self._layout[name]['shape']} but the module's "
@@ -369,7 +365,7 @@ class EMA(Callback):
     @staticmethod
     def _write(params: list[tuple[str, nn.Parameter]], values: dict[str, Tensor]) -> None:
         for name, p in params:
-            if _is_partitioned(p):
+            if is_partitioned_parameter(p):
                 _write_partitioned(p, values[name])
             else:
                 p.data.copy_(values[name].to(device=p.device, dtype=p.dtype))

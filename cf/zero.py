@@ -42,9 +42,15 @@ ENGINES_FILE = "zero_engines.json"
 _OPTIM_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
+def is_partitioned_parameter(param: Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter (DeepSpeed gives each one a ``ds_id``; its data lives in
+    flat shards across ranks, this rank's in ``ds_tensor``)."""
+    return hasattr(param, "ds_id")
+
+
 def is_zero_partitioned(params: Iterable[nn.Parameter]) -> bool:
-    """Whether any of ``params`` is a ZeRO-3 partitioned parameter (its data lives in shards across ranks)."""
-    return any(hasattr(p, "ds_id") for p in params)
+    """Whether any of ``params`` is a ZeRO-3 partitioned parameter."""
+    return any(is_partitioned_parameter(p) for p in params)
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -368,8 +368,8 @@ def test_partitioned_states_merge_into_full_weights(tmp_path, monkeypatch):
     def sync_partitions():
         for rank, holder in enumerate(ranks):
             pairs = zip(holder.generator.parameters(), reference_holder.generator.parameters())
-            for p, q in pairs:
-                p.ds_tensor = partition(q, rank, 2)
+            for index, (p, q) in enumerate(pairs):
+                p.ds_id, p.ds_tensor = index, partition(q, rank, 2)
                 p.ds_numel, p.ds_shape = q.numel(), tuple(q.shape)
 
     for batch in range(4):
