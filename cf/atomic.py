@@ -10,14 +10,15 @@ the same host once that process is gone.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_path", "atomic_write_text", "commit_temporary", "discard_temporary", "remove_stale_temporaries",
-           "temporary_name"]
+           "temporary_name", "staged_folder", "recover_staged_folder"]
 
 _MARK = ".tmp-"
 
@@ -129,3 +130,47 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     with atomic_path(path) as temp:
         temp.write_text(text, encoding=encoding)
     return path
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike, is_writer: bool = True,
+                  barrier: Callable[[str], None] = lambda name: None) -> Iterator[Path]:
+    """A checkpoint folder written by several ranks, swapped in only when every rank has finished.
+
+    Every rank writes into the yielded staging folder ``.<name>.staging`` beside ``path`` (the same name on every
+    rank). After the block, once all ranks pass ``barrier``, the writer (global rank 0) renames an existing ``path``
+    to ``.<name>.old``, renames the staging folder to ``path`` and removes the old one. A write that fails or is
+    killed leaves ``path`` as it was (its staging folder is cleared by the next save); only a kill between the two
+    renames leaves the previous complete folder under ``.<name>.old`` instead of ``path``, which
+    `recover_staged_folder` puts back.
+    """
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.staging")
+    if is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        recover_staged_folder(path)
+    barrier("staged_folder_cleared")
+    yield staging
+    barrier("staged_folder_written")
+    if is_writer:
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staging, path)
+        _fsync(path.parent, directory=True)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier("staged_folder_swapped")
+
+
+def recover_staged_folder(path: str | os.PathLike) -> bool:
+    """Put back the previous complete folder of a `staged_folder` save killed between its two renames (``path``
+    missing, ``.<name>.old`` present). Returns whether it did."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+        return True
+    return False
+

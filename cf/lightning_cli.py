@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 import cf.strategies  # noqa: F401,E402  registers the short strategy names (cf_deepspeed_stage_3, ...)
+from cf.atomic import recover_staged_folder
 
 __all__ = ["ProjectCLI", "find_last_checkpoint", "run_lightning_cli"]
 
@@ -23,11 +24,20 @@ __all__ = ["ProjectCLI", "find_last_checkpoint", "run_lightning_cli"]
 def find_last_checkpoint(root: str | Path) -> Path:
     """The newest ``last.ckpt`` (file, or DeepSpeed checkpoint folder) below ``root``, e.g. ``runs/<name>``."""
     root = Path(root)
+    for old in root.glob("**/.last.ckpt.old"):  # a checkpoint folder save killed between its two renames
+        _recover(old.with_name("last.ckpt"))
     found = [p for p in root.glob("**/last.ckpt") if p.is_file() or (p / "latest").exists() or p.is_dir()]
     if not found:
         raise FileNotFoundError(f"--ckpt_path last: no last.ckpt below {root} (the run's log folders); pass the path "
                                 "of a checkpoint, or drop --ckpt_path to start a new run")
     return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def _recover(path: Path) -> None:
+    try:
+        recover_staged_folder(path)
+    except OSError:  # another rank of the same launch put it back first
+        pass
 
 
 def _run_root(trainer: pl.Trainer) -> Path:
@@ -47,6 +57,8 @@ class ProjectCLI(LightningCLI):
             path = find_last_checkpoint(_run_root(self.trainer))
             print(f"--ckpt_path last: resuming {path}")
             config["ckpt_path"] = str(path)
+        elif config.get("ckpt_path"):
+            _recover(Path(config["ckpt_path"]))
 
     def before_fit(self) -> None:
         self._resolve_last()

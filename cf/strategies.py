@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from cf.atomic import staged_folder
 from cf.zero import (
     ENGINES_FILE,
     checkpoint_engine_names,
@@ -487,28 +488,27 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
     ) -> None:
-        if not self._engines:
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-            return
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (CheckpointIO is unused).")
+        """Write the checkpoint folder atomically (`cf.atomic.staged_folder`): a killed or failed save leaves the
+        previous folder of that name complete."""
         filepath = Path(self.broadcast(str(filepath)))
-        # this rank's callback states go into its own shard file of the first engine (ZeRO-3 writes one per rank)
-        rank_state = {RANK_CALLBACKS_KEY: checkpoint.get("callbacks", {})}
-        for index, (name, engine) in enumerate(self._engines.items()):
-            engine.save_checkpoint(
-                str(filepath / name),
-                tag=DEEPSPEED_TAG,
-                client_state=rank_state if index == 0 else {},
-                exclude_frozen_parameters=self.exclude_frozen_parameters,
-            )
-        if self.is_global_zero:
-            state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-            state["state_dict"] = self._outside_state(checkpoint["state_dict"])
-            torch.save(state, filepath / LIGHTNING_STATE_FILE)
-            layout = {"engines": list(self._engines), "world_size": self.world_size, "tag": DEEPSPEED_TAG}
-            (filepath / ENGINES_FILE).write_text(json.dumps(layout, indent=1))
-        self.barrier("cf_deepspeed_save_checkpoint")
+        with staged_folder(filepath, self.is_global_zero, self.barrier) as staging:
+            if not self._engines:
+                super().save_checkpoint(checkpoint, staging, storage_options)
+                return
+            if storage_options is not None:
+                raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (no CheckpointIO).")
+            # this rank's callback states go into its own shard file of the first engine (ZeRO-3 writes one per rank)
+            rank_state = {RANK_CALLBACKS_KEY: checkpoint.get("callbacks", {})}
+            for index, (name, engine) in enumerate(self._engines.items()):
+                engine.save_checkpoint(str(staging / name), tag=DEEPSPEED_TAG,
+                                       client_state=rank_state if index == 0 else {},
+                                       exclude_frozen_parameters=self.exclude_frozen_parameters)
+            if self.is_global_zero:
+                state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+                state["state_dict"] = self._outside_state(checkpoint["state_dict"])
+                torch.save(state, staging / LIGHTNING_STATE_FILE)
+                layout = {"engines": list(self._engines), "world_size": self.world_size, "tag": DEEPSPEED_TAG}
+                (staging / ENGINES_FILE).write_text(json.dumps(layout, indent=1))
 
     def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(checkpoint_path)

@@ -172,3 +172,52 @@ def test_toy_configs_write_checkpoints_atomically(monkeypatch: pytest.MonkeyPatc
                        parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
                        save_config_callback=None)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ------------------------------------------------------------------------------------- checkpoint folders (ZeRO)
+def write_folder(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True)
+    for name in ("a", "b"):
+        (folder / name).write_text(f"{text}-{name}")
+
+
+def folder_text(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_staged_folder_replaces_the_folder_only_when_complete(tmp_path: Path) -> None:
+    from cf.atomic import staged_folder
+
+    target = tmp_path / "last.ckpt"
+    calls = []
+    with staged_folder(target, barrier=calls.append) as staging:
+        assert not target.exists() and staging.parent == tmp_path
+        write_folder(staging, "first")
+    assert folder_text(target) == {"a": "first-a", "b": "first-b"}
+    assert calls == ["staged_folder_cleared", "staged_folder_written", "staged_folder_swapped"]
+    with pytest.raises(OSError, match="disk full"):  # a save that dies half way: the previous folder stays whole
+        with staged_folder(target) as staging:
+            staging.mkdir()
+            (staging / "a").write_text("second-a")
+            raise OSError(errno.ENOSPC, "disk full")
+    assert folder_text(target) == {"a": "first-a", "b": "first-b"}
+    with staged_folder(target) as staging:  # the next save clears the half-written staging folder
+        assert not staging.exists()
+        write_folder(staging, "third")
+    assert folder_text(target) == {"a": "third-a", "b": "third-b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_save_killed_between_the_renames_is_put_back(tmp_path: Path) -> None:
+    from cf.atomic import staged_folder
+    from cf.lightning_cli import find_last_checkpoint
+
+    run = tmp_path / "run" / "version_0" / "checkpoints"
+    write_folder(run / ".last.ckpt.old", "previous")  # the state a kill after the first rename leaves
+    assert find_last_checkpoint(tmp_path / "run") == run / "last.ckpt"
+    assert folder_text(run / "last.ckpt") == {"a": "previous-a", "b": "previous-b"}
+    (run / "last.ckpt").rename(run / ".last.ckpt.old")
+    with staged_folder(run / "last.ckpt") as staging:  # a new save puts it back first, then replaces it
+        assert (run / "last.ckpt").is_dir()
+        write_folder(staging, "new")
+    assert folder_text(run / "last.ckpt") == {"a": "new-a", "b": "new-b"}
