@@ -11,6 +11,7 @@ import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
@@ -237,16 +238,26 @@ class VideoDataModule(pl.LightningDataModule):
                                  (" or val_prompt_file" if self.mode == "prompts" else ""))
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset) -> EpochDataLoader:
+    def _loader(self, dataset, consumed: Any = None) -> EpochDataLoader:
         return EpochDataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0, consumed=consumed,
         )
+
+    def _training_batches_consumed(self) -> tuple[int, bool] | None:
+        """(batches of the current epoch the fit loop has handed to training, whether the epoch is over), or None
+        outside a fit. The loop fetches one batch ahead when the loader has no length, so the loader's own count
+        would be one too many in a mid-epoch checkpoint."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        count = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return count, count >= trainer.num_training_batches
 
     def train_dataloader(self) -> EpochDataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        return self._loader(self.train_dataset)
+        return self._loader(self.train_dataset, consumed=self._training_batches_consumed)
 
     def val_dataloader(self) -> EpochDataLoader | list:
         if self.val_dataset is None:

@@ -21,7 +21,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -482,27 +482,80 @@ class PromptFileStream(_EpochAware, IterableDataset):
 
 
 class EpochDataLoader(DataLoader):
-    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles).
+    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles) and can
+    resume an interrupted epoch at the exact batch.
 
-    The epoch counter is checkpointed (Lightning saves ``state_dict()`` of a training loader), so a run bounded by
-    ``max_steps`` (as the project's configs are) and resumed from an end-of-epoch checkpoint streams the next epoch's
-    data, as the uninterrupted run would. From a checkpoint taken mid-epoch the resumed run also starts the next
-    epoch: the rest of the interrupted epoch is not replayed. (Lightning 2.6 does not restore loader states when an
-    only ``max_epochs``-bounded run resumes from an end-of-epoch checkpoint; the counter then restarts at 0.)
+    ``state_dict()`` (checkpointed by Lightning for a training loader) holds ``epochs_started`` and ``batches``: how
+    many batches of the current epoch training has consumed. ``batches == 0`` means the next ``iter()`` starts epoch
+    ``epochs_started``; ``batches == p > 0`` means the next ``iter()`` replays epoch ``epochs_started - 1`` and
+    discards its first ``p`` batches, so a run resumed from a mid-epoch checkpoint sees exactly the batches the
+    uninterrupted run would have seen (every stream of this module is a pure function of seed, epoch, rank and
+    worker; the replay runs in fresh workers, so any number of workers is covered). The discarded batches are
+    still read and decoded.
+
+    ``consumed`` tells how many batches of the current epoch training has taken and whether the epoch is over
+    (``(count, done)``, or None when unknown); `data.VideoDataModule` reads it from the Lightning fit loop, because
+    the loop fetches one batch ahead of training when the loader has no length. Without it the loader counts the
+    batches its iterator handed out. (Lightning 2.6 does not restore loader states when a run bounded only by
+    ``max_epochs`` resumes from an end-of-epoch checkpoint; the epoch counter then restarts at 0.)
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, consumed: Callable[[], tuple[int, bool] | None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.consumed = consumed
         self._epochs_started = 0
+        self._yielded = 0  # batches the current epoch's iterator has handed out (replayed ones included)
+        self._in_epoch = False  # an epoch has started and its iterator has not run out
+        self._replay = 0  # batches the next iter() discards (a restored mid-epoch position)
 
     def __iter__(self):
+        replay, self._replay = self._replay, 0
+        epoch = self._epochs_started - 1 if replay else self._epochs_started
         if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self._epochs_started)
-        self._epochs_started += 1
-        return super().__iter__()
+            self.dataset.set_epoch(epoch)
+        self._epochs_started = epoch + 1
+        self._yielded, self._in_epoch = 0, True
+        return self._counted(super().__iter__(), epoch, replay)
+
+    def _counted(self, batches: Iterator[Any], epoch: int, replay: int) -> Iterator[Any]:
+        for _ in range(replay):
+            try:
+                next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"cannot resume epoch {epoch} at batch {replay}: the stream now ends after {self._yielded} "
+                    "batches; the data, its settings (batch_size, batches_per_epoch, num_workers, shards) or the "
+                    "world size differ from the run that wrote the checkpoint"
+                ) from None
+            self._yielded += 1
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+        self._in_epoch = False
 
     def state_dict(self) -> dict[str, int]:
-        return {"epochs_started": self._epochs_started}
+        """``{"epochs_started", "batches"}``: see the class docstring."""
+        if not self._in_epoch:
+            return {"epochs_started": self._epochs_started, "batches": 0}
+        known = self.consumed() if self.consumed is not None else None
+        count, done = known if known is not None else (self._yielded, False)
+        length = self._length()
+        if done or (length is not None and count >= length):
+            return {"epochs_started": self._epochs_started, "batches": 0}
+        if count == 0:  # the epoch started but training has taken nothing of it yet
+            return {"epochs_started": self._epochs_started - 1, "batches": 0}
+        return {"epochs_started": self._epochs_started, "batches": int(count)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._epochs_started = int(state_dict["epochs_started"])
+        epochs, batches = int(state_dict["epochs_started"]), int(state_dict.get("batches", 0))
+        if batches < 0 or (batches > 0 and epochs < 1):
+            raise ValueError(f"invalid loader state {state_dict}: a mid-epoch position needs epochs_started >= 1 "
+                             "and batches >= 0")
+        self._epochs_started, self._replay, self._in_epoch = epochs, batches, False
+
+    def _length(self) -> int | None:
+        try:
+            return len(self)
+        except TypeError:
+            return None
