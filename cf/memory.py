@@ -36,7 +36,7 @@ with the slow memory kept, §I.13).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -205,7 +205,7 @@ class SimilarityKeyframes:
             return torch.zeros(batch, dtype=torch.bool)
         if reference is None:
             return torch.ones(batch, dtype=torch.bool)
-        sim = F.cosine_similarity(descriptor.float(), reference.float(), dim=-1).cpu()
+        sim = F.cosine_similarity(descriptor.float(), reference.float(), dim=-1)  # stays on the device: no sync
         if not self.per_sample:
             sim = sim.mean().expand(batch)
         return sim < self.threshold
@@ -374,7 +374,9 @@ class _LayerState:
     keys: Tensor | None = None  # [B, slots, S, H, D]
     values: Tensor | None = None
     reference: Tensor | None = None  # [B, H*D] descriptor to compare the next decision with
-    pending: list[int] = field(default_factory=list)  # samples whose consolidation applies when the call ends
+    # commit-pass source: this call's keyframe decision [B] (bool, on the keys' device) and which samples may
+    # consolidate; resolved in end_call for every layer with one device-to-host copy
+    pending: tuple[Tensor, list[bool]] | None = None
 
 
 class SlowFastMemory:
@@ -415,13 +417,13 @@ class SlowFastMemory:
         descriptor = keys.float().mean(dim=(1, 2)).flatten(1)  # [B, H*D] mean un-rotated key of the chunk
 
         decide_now = commit if cfg.consolidation_source == "commit_pass" else True
-        fire = [False] * batch
-        if decide_now and any(lay.can_consolidate(start) for lay in state.layouts):
+        allowed = [lay.can_consolidate(start) for lay in state.layouts]
+        decision = None
+        if decide_now and any(allowed):
             decision = self.keyframes.decide(start, start // n, descriptor, state.reference)
-            fire = [bool(decision[b]) and state.layouts[b].can_consolidate(start) for b in range(batch)]
-        if cfg.consolidation_source == "first_firing_call":
-            for b in range(batch):
-                if fire[b]:
+        if cfg.consolidation_source == "first_firing_call" and decision is not None:
+            for b, fire in enumerate(decision.tolist()):
+                if fire and allowed[b]:
                     self._apply(state, b, state.layouts[b].consolidate(start), keys[b], values[b])
         for b in range(batch):
             self._apply(state, b, state.layouts[b].write_chunk(start, n), keys[b], values[b])
@@ -429,7 +431,7 @@ class SlowFastMemory:
         window = self._window(state, start, n, keys)
         if cfg.consolidation_source == "commit_pass":
             # applied in end_call, after every layer has read its window: the chunk never attends to its own copy
-            state.pending = [b for b in range(batch) if fire[b]]
+            state.pending = None if decision is None else (decision, allowed)
         if cfg.similarity_reference == "previous_call" or commit:
             state.reference = descriptor
         return window
@@ -440,13 +442,18 @@ class SlowFastMemory:
         if self._call is None:
             raise RuntimeError("end_call() without begin_call()")
         start, n, _ = self._call
-        for state in self.layers or []:
-            for b in state.pending:
+        decided = [state for state in self.layers or [] if state.pending is not None]
+        device = decided[0].pending[0].device if decided else None
+        fired = torch.stack([state.pending[0].to(device).bool() for state in decided]).tolist() if decided else []
+        for state, fire in zip(decided, fired):
+            for b, allowed in enumerate(state.pending[1]):
+                if not (fire[b] and allowed):
+                    continue
                 layout = state.layouts[b]
                 own = slice(layout.length - n, layout.length)  # the chunk's slots, written by this call
                 keys, values = state.keys[b, own].clone(), state.values[b, own].clone()
                 self._apply(state, b, layout.consolidate(start), keys, values)
-            state.pending = []
+            state.pending = None
         self._call = None
         self.calls += 1
 
@@ -497,14 +504,18 @@ class SlowFastMemory:
             slots = torch.arange(ctx, device=device)
             positions = torch.where(slots < cfg.sink, slots, slots + offset).expand(batch, ctx)
             query = torch.arange(anchor - n + 1, anchor + 1, device=device).expand(batch, n)
+            key = ("bounded", batch, ctx, cfg.sink, offset, anchor, n)
         else:
-            positions = torch.tensor([lay.frames[:ctx] for lay in state.layouts], device=device, dtype=torch.long)
+            frames = tuple(tuple(lay.frames[:ctx]) for lay in state.layouts)
+            positions = torch.tensor(frames, device=device, dtype=torch.long).view(batch, ctx)
             query = torch.arange(start, start + n, device=device).expand(batch, n)
+            key = ("absolute", frames, start, n)
         return KVWindow(
             keys=state.keys[:, :ctx].flatten(1, 2),
             values=state.values[:, :ctx].flatten(1, 2),
             key_positions=positions,
             query_positions=query,
+            positions_key=key,
         )
 
     # -- inspection --------------------------------------------------------------------------------------

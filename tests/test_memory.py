@@ -234,3 +234,32 @@ def test_full_cache_grows_without_eviction():
     memory = SlowFastMemory(MemoryConfig.full(), model.config.num_layers)
     list(stream(model, torch.randn(1, 8, 32), 30, (4, 4), memory=memory))
     assert memory.slot_frames()[:30] == list(range(30))
+
+
+@pytest.mark.parametrize("preset", ["slow_fast", "no_bounded_pe", "self_forcing", "sliding"])
+def test_windows_with_equal_positions_keys_have_equal_positions(preset):
+    """The model computes RoPE tables once per `positions_key` and call: every window that shares a key must hold
+    exactly the same key and query positions (checked over a 60-frame stream, two samples with different
+    keyframe decisions)."""
+    torch.manual_seed(0)
+    model = CausalWanDiT(WanConfig.tiny(), frames_per_chunk=3).eval()
+    seen: dict = {}
+    distinct_positions = set()
+
+    class Recording(SlowFastMemory):
+        def update(self, layer, keys, values):
+            window = super().update(layer, keys, values)
+            assert window.positions_key is not None
+            pair = (window.key_positions.clone(), window.query_positions.clone())
+            if window.positions_key in seen:
+                assert torch.equal(seen[window.positions_key][0], pair[0])
+                assert torch.equal(seen[window.positions_key][1], pair[1])
+            seen[window.positions_key] = pair
+            distinct_positions.add((tuple(pair[0].flatten().tolist()), tuple(pair[1].flatten().tolist())))
+            return window
+
+    memory = Recording(MemoryConfig.preset(preset), model.config.num_layers)
+    text = torch.randn(2, model.config.text_len, model.config.text_dim)
+    with torch.no_grad():
+        list(stream(model, text, 60, (2, 2), memory=memory, sampling=SamplingConfig(denoising_steps=(1000, 500))))
+    assert len(seen) == len(distinct_positions)  # and different positions never share a key

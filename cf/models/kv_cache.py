@@ -24,7 +24,7 @@ The window contract (every cache honours it):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Hashable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -36,12 +36,15 @@ class KVWindow:
 
     keys, values: [B, Fc * S, H, D] (un-rotated keys), S = tokens per frame;
     key_positions: [B, Fc] temporal positions of the context frames; query_positions: [B, n] of the chunk's frames.
+    positions_key: optional hashable value that determines both position tensors (equal keys, equal positions), so
+    the model computes the RoPE tables once per call for all layers that share it; None: computed per layer.
     """
 
     keys: Tensor
     values: Tensor
     key_positions: Tensor
     query_positions: Tensor
+    positions_key: Hashable | None = None
 
 
 @runtime_checkable
@@ -100,6 +103,7 @@ class GrowingKVCache:
             values=ctx_v,
             key_positions=torch.arange(start, device=device).expand(batch, start),
             query_positions=torch.arange(start, start + n, device=device).expand(batch, n),
+            positions_key=("growing", batch, start, n),
         )
 
     def end_call(self) -> None:

@@ -52,11 +52,16 @@ class RotaryEmbedding3D(nn.Module):
             raise ValueError(f"frame_positions must be [B, F], got shape {tuple(frame_positions.shape)}")
         h, w = grid_hw
         pos = frame_positions.long()
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.max_positions):
-            raise ValueError(
-                f"temporal RoPE positions must lie in [0, {self.max_positions - 1}], got "
-                f"[{int(pos.min())}, {int(pos.max())}]; use bounded positions for long videos"
-            )
+        if pos.numel() and pos.device.type == "cpu":
+            if int(pos.min()) < 0 or int(pos.max()) >= self.max_positions:
+                raise ValueError(
+                    f"temporal RoPE positions must lie in [0, {self.max_positions - 1}], got "
+                    f"[{int(pos.min())}, {int(pos.max())}]; use bounded positions for long videos"
+                )
+        elif pos.numel():  # checked on the device, without a host sync in every layer of every call
+            torch._assert_async(((pos >= 0) & (pos < self.max_positions)).all(),
+                                f"temporal RoPE positions must lie in [0, {self.max_positions - 1}]; use bounded "
+                                "positions for long videos")
         if h > self.max_positions or w > self.max_positions:
             raise ValueError(f"latent grid {h}x{w} exceeds the RoPE table size {self.max_positions}")
         b, f = pos.shape

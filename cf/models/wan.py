@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cf.models.attention import attention, block_causal_block_mask, block_causal_mask
-from cf.models.kv_cache import KVCache
+from cf.models.kv_cache import KVCache, KVWindow
 from cf.models.rope import RotaryEmbedding3D, apply_rotary
 
 
@@ -457,6 +457,20 @@ class CausalWanDiT(WanDiT):
         e, e0 = self.time_embeddings(tt)
         tokens = self.patchify(x)
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        tables: dict[Any, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] = {}  # RoPE tables per positions_key
+
+        def rope_tables(window: KVWindow) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+            """(key tables, query tables) of a window, computed once per call for windows with equal positions."""
+            key = window.positions_key
+            if key is None or key not in tables:
+                with torch.no_grad():
+                    made = (self.rope.tables(window.key_positions, grid[1:]),
+                            self.rope.tables(window.query_positions, grid[1:]))
+                if key is None:
+                    return made
+                tables[key] = made
+            return tables[key]
+
         cache.begin_call(start_frame, n, commit=commit)
         for i, (block, tkv) in enumerate(zip(self.blocks, text_kv)):
             # The cache write happens here, outside any checkpointed region (§I.17); with checkpointing the
@@ -464,13 +478,12 @@ class CausalWanDiT(WanDiT):
             with torch.no_grad() if checkpointing else nullcontext():
                 own_kv = block(tokens, e0, tkv, None, key_value_only=True)
             window = cache.update(i, own_kv[0].detach(), own_kv[1].detach())
+            ctx_rope, rope = rope_tables(window)
             with torch.no_grad():
-                ctx_rope = self.rope.tables(window.key_positions, grid[1:])
                 # a checkpointed block recomputes its forward from these tensors during backward, after later
                 # chunks have overwritten the cache: give it a copy, not a view (rotation already copies the keys)
                 values = window.values.clone() if checkpointing else window.values
                 ctx = (apply_rotary(window.keys, *ctx_rope), values)
-            rope = self.rope.tables(window.query_positions, grid[1:])
             if checkpointing:
                 tokens = checkpoint(block, tokens, e0, tkv, rope, ctx, None, None, use_reentrant=False)
             else:
