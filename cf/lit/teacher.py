@@ -60,8 +60,9 @@ ERFT_STATE_KEY = "erft_state"
 
 
 @dataclass
-class ERFTConfig:
-    """Error-Recycling Fine-Tuning settings (§E.3; defaults are the paper's, §J.3 has the toy values).
+class ERFTConfig(ErrorInjector):
+    """Error-Recycling Fine-Tuning settings (§E.3; defaults are the paper's, §J.3 has the toy values): the
+    injection settings of `cf.erft.ErrorInjector` (declared and checked there) and the error banks'.
 
     Injection: per step, noise / context / latent errors are tried with their probabilities, then ``clean_prob``
     switches all off; ``error_modulate`` m scales each error by U(1 − m, 1 + m). Banks: ``num_buckets`` timestep
@@ -72,11 +73,6 @@ class ERFTConfig:
     `cf.error_bank.ErrorBank`).
     """
 
-    noise_prob: float = 0.01
-    context_prob: float = 0.9
-    latent_prob: float = 0.9
-    clean_prob: float = 0.5
-    error_modulate: float = 0.0
     num_buckets: int = 50
     capacity: int = 500
     policy: str = "l2_batch"
@@ -89,9 +85,7 @@ class ERFTConfig:
     storage_dir: str | None = None
 
     def injector(self) -> ErrorInjector:
-        return ErrorInjector(noise_prob=self.noise_prob, context_prob=self.context_prob,
-                             latent_prob=self.latent_prob, clean_prob=self.clean_prob,
-                             error_modulate=self.error_modulate)
+        return ErrorInjector(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ErrorInjector)})
 
     def banks(self, shift: float, seed: int) -> ErrorBanks:
         return ErrorBanks(num_buckets=self.num_buckets, capacity=self.capacity, shift=shift, policy=self.policy,
