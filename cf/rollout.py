@@ -10,6 +10,8 @@ long the video already is.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -107,13 +109,13 @@ def make_memory(model: CausalWanDiT, memory: MemoryConfig | KVCache | str,
     return memory
 
 
-def _check_stream_extras(model: CausalWanDiT, text: Tensor, num_frames: int, latent_size: tuple[int, int],
+def _check_stream_extras(model: CausalWanDiT, text: Tensor, num_frames: int | None, latent_size: tuple[int, int],
                          text_schedule: Sequence[tuple[int, Tensor]], init_latents: Tensor | None) -> Tensor | None:
     """Validate a schedule and given latents for `stream`; returns the given latents expanded to the batch."""
     n, batch = model.frames_per_chunk, text.shape[0]
     previous = -1
     for start, embedding in text_schedule:
-        if start % n or not previous < start < num_frames:
+        if start % n or not previous < start < (math.inf if num_frames is None else num_frames):
             raise ValueError(f"prompt switch at latent frame {start}: switches must be increasing multiples of "
                              f"frames_per_chunk ({n}) below num_frames ({num_frames})")
         if embedding.shape[0] != batch or embedding.shape[2:] != text.shape[2:]:
@@ -128,7 +130,7 @@ def _check_stream_extras(model: CausalWanDiT, text: Tensor, num_frames: int, lat
             (init_latents.shape[1], *init_latents.shape[3:]) != expected:
         raise ValueError(f"init_latents must be [1 or {batch}, {expected[0]}, F, {expected[1]}, {expected[2]}], got "
                          f"{tuple(init_latents.shape)}")
-    if frames <= 0 or frames % n or frames > num_frames:
+    if frames <= 0 or frames % n or (num_frames is not None and frames > num_frames):
         raise ValueError(f"init_latents hold {frames} frames: give a positive multiple of frames_per_chunk ({n}) "
                          f"of at most num_frames ({num_frames})")
     return init_latents.expand(batch, *init_latents.shape[1:])
@@ -138,7 +140,7 @@ def _check_stream_extras(model: CausalWanDiT, text: Tensor, num_frames: int, lat
 def stream(
     model: CausalWanDiT,
     text: Tensor,
-    num_frames: int,
+    num_frames: int | None,
     latent_size: tuple[int, int],
     memory: MemoryConfig | KVCache | str = "slow_fast",
     sampling: SamplingConfig | None = None,
@@ -146,11 +148,12 @@ def stream(
     generator: Generators = None,
     keyframes: KeyframePolicy | None = None,
     *,
-    text_schedule: Sequence[tuple[int, Tensor]] = (),
+    text_schedule: Sequence[tuple[int, Tensor]] | Callable[[int], Tensor | None] = (),
     recache: str | Sequence[str] = "none",
     init_latents: Tensor | None = None,
 ) -> Iterator[Tensor]:
-    """Generate `num_frames` latent frames chunk by chunk, yielding each chunk [B, C, n, h, w] as it is done.
+    """Generate `num_frames` latent frames chunk by chunk, yielding each chunk [B, C, n, h, w] as it is done
+    (`num_frames=None`: without end, for a consumer that stops when it likes, e.g. `cf serve`).
 
     text: prompt embeddings [B, L, text_dim]; latent_size: (h, w); memory: a `MemoryConfig`, a preset name
     (slow_fast | sliding | self_forcing | full | released_code) or a cache object. Seeded: the same seed gives the same
@@ -159,19 +162,22 @@ def stream(
 
     text_schedule: (start_frame, embeddings [B, L, text_dim]) pairs, start frames increasing multiples of the chunk
     size: from `start_frame` on the chunks are conditioned on that text (its cross-attention K/V computed once, at
-    the switch); `text` conditions the chunks before the first switch. recache: memory regions re-cached under the
+    the switch); `text` conditions the chunks before the first switch. A callable schedule is asked at each chunk
+    ``schedule(start_frame)`` for new embeddings (None: keep the current text), for prompts decided while the
+    video streams. recache: memory regions re-cached under the
     new text at each switch (`cf.recache.parse_regions`: none | all | sink, slow, fast joined by "+"; needs a
     Slow-Fast Memory). init_latents [1 or B, C, F0, h, w] (F0 a multiple of the chunk size): the video's first F0
     frames, committed to the memory with the commit pass of a generated chunk and yielded as they are; generation
     continues from frame F0 (no noise is drawn for them).
     """
     n = model.frames_per_chunk
-    if num_frames <= 0 or num_frames % n:
+    if num_frames is not None and (num_frames <= 0 or num_frames % n):
         raise ValueError(f"num_frames must be a positive multiple of frames_per_chunk ({n}), got {num_frames}")
     sampling = sampling or SamplingConfig()
     device = text.device
     dtype = next(model.parameters()).dtype
-    given = _check_stream_extras(model, text, num_frames, latent_size, text_schedule, init_latents)
+    given = _check_stream_extras(model, text, num_frames, latent_size,
+                                 () if callable(text_schedule) else text_schedule, init_latents)
     regions = parse_regions(recache)
     if generator is None:
         generator = torch.Generator(device=device)
@@ -180,15 +186,16 @@ def stream(
     if regions and held_frames(cache) is None:
         raise ValueError(f"re-caching {'+'.join(regions)} needs the Slow-Fast Memory, not {type(cache).__name__}; "
                          "pass memory as a MemoryConfig or preset name, or recache='none'")
-    switches = dict(text_schedule)
+    switch_at = text_schedule if callable(text_schedule) else dict(text_schedule).get
     text_kv = model.text_kv(text.to(dtype))
     timesteps = sampling.timesteps()
     shape = (text.shape[0], model.config.in_dim, n, *latent_size)
-    track = bool(regions and switches)
+    track = bool(regions and (callable(text_schedule) or text_schedule))
     kept: dict[int, Tensor] = {}  # clean latents [B, C, h, w] of the frames the memory holds (for re-caching)
-    for start in range(0, num_frames, n):
-        if start in switches:
-            text_kv = model.text_kv(switches[start].to(device=device, dtype=dtype))
+    for start in itertools.count(0, n) if num_frames is None else range(0, num_frames, n):
+        switch = switch_at(start)
+        if switch is not None:
+            text_kv = model.text_kv(switch.to(device=device, dtype=dtype))
             if regions:
                 recache_memory(model, cache, kept, text_kv, regions)
         if given is not None and start < given.shape[2]:

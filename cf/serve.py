@@ -40,8 +40,8 @@ from cf.generate import generation_dtypes, load_generator, resolve_spec
 from cf.memory import MemoryConfig, SlowFastMemory
 from cf.models.wan import CausalWanDiT
 from cf.prompt_schedule import latent_frames_for
-from cf.recache import held_frames, parse_regions, recache_memory, region_slots
-from cf.rollout import SamplingConfig, commit_chunk, denoise_chunk, draw_noise, make_memory
+from cf.recache import held_frames, parse_regions, region_slots
+from cf.rollout import SamplingConfig, make_memory, stream
 from cf.serve_page import PAGE
 from cf.video_io import to_uint8_frames
 from cf.weights import NonFiniteWeightsError
@@ -81,38 +81,46 @@ class LiveChunk:
 class LiveGeneration:
     """One video generated chunk by chunk (one sample), whose prompt can change between chunks.
 
-    Each `step` generates the next chunk exactly as `cf.rollout.stream` does (fresh noise, few-step denoising,
-    commit pass) and decodes it. A prompt given to `request_prompt` (from any thread) conditions every chunk from
-    the next one generated: its text K/V are computed once, and the memory's `recache` regions re-cached under it
-    (`cf.recache`), so a video equals `stream` with the same switches as its `text_schedule`."""
+    It drives one endless `cf.rollout.stream` (fresh noise, few-step denoising, commit pass per chunk), whose
+    schedule is asked at every chunk for a prompt requested meanwhile: a prompt given to `request_prompt` (from any
+    thread) conditions every chunk from the next one generated, its text K/V computed once and the memory's
+    `recache` regions re-cached under it (`cf.recache`), so a video equals `stream` with the same switches as its
+    `text_schedule`. Each `step` decodes the chunk and reads the memory's slot table."""
 
     def __init__(self, model: CausalWanDiT, text_encoder: torch.nn.Module, autoencoder: Any, prompt: str,
                  latent_size: tuple[int, int], memory: MemoryConfig | str = "slow_fast",
                  sampling: SamplingConfig | None = None, seed: int = 0, recache: str = "none") -> None:
         self.model, self.text_encoder = model, text_encoder
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.regions = parse_regions(recache)
+        regions = parse_regions(recache)
         self.memory = make_memory(model, memory)
-        if self.regions and held_frames(self.memory) is None:
+        if regions and held_frames(self.memory) is None:
             raise ValueError(f"re-caching needs the Slow-Fast Memory, not {type(self.memory).__name__}")
-        self.sampling = sampling or SamplingConfig()
-        self.timesteps = self.sampling.timesteps()
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.decoder = autoencoder.stream_decoder()
-        self.shape = (1, model.config.in_dim, model.frames_per_chunk, *latent_size)
         self.prompt = prompt
-        self.text_kv = self._text_kv(prompt)
-        self.kept: dict[int, torch.Tensor] = {}  # clean latents of the frames the memory holds (for re-caching)
         self.chunks_done = 0
         self.switches: list[tuple[int, str]] = []  # (chunk index, prompt) of every switch that took effect
         self._pending: str | None = None
+        self._switched = False
         self._busy = False
         self._lock = threading.Lock()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._chunks = stream(model, self._embed(prompt), None, latent_size, memory=self.memory, sampling=sampling,
+                              generator=generator, text_schedule=self._switch_at, recache=recache)
 
-    def _text_kv(self, prompt: str) -> list:
-        embedding = self.text_encoder([prompt]).to(self.device)
-        return self.model.text_kv(embedding.to(self.dtype))
+    def _embed(self, prompt: str) -> torch.Tensor:
+        return self.text_encoder([prompt]).to(self.device)
+
+    def _switch_at(self, start_frame: int) -> torch.Tensor | None:
+        """`stream`'s schedule: the embeddings of a prompt requested since the last chunk, else None."""
+        with self._lock:
+            pending, self._pending, self._busy = self._pending, None, True
+        self._switched = pending is not None and pending != self.prompt
+        if not self._switched:
+            return None
+        self.prompt = pending
+        self.switches.append((start_frame // self.model.frames_per_chunk, pending))
+        return self._embed(pending)
 
     def request_prompt(self, prompt: str) -> int:
         """Condition the chunks from the next one generated on `prompt`; returns that chunk's index."""
@@ -125,29 +133,14 @@ class LiveGeneration:
     @torch.no_grad()
     def step(self) -> LiveChunk:
         """Generate, commit and decode the next chunk."""
-        with self._lock:
-            pending, self._pending, self._busy = self._pending, None, True
-        model, n = self.model, self.model.frames_per_chunk
         index = self.chunks_done
-        start = index * n
-        switched = pending is not None and pending != self.prompt
-        if switched:
-            self.prompt, self.text_kv = pending, self._text_kv(pending)
-            if self.regions:
-                recache_memory(model, self.memory, self.kept, self.text_kv, self.regions)
-            self.switches.append((index, pending))
-        noise = draw_noise(self.shape, self.generator, self.device, self.dtype)
-        x0 = denoise_chunk(model, noise, self.text_kv, self.memory, start, self.timesteps, self.generator)
-        commit_chunk(model, x0, self.text_kv, self.memory, start, self.sampling.commit_noise_sigma, self.generator)
-        if self.regions:
-            self.kept.update({start + i: x0[:, :, i] for i in range(n)})
-            held = held_frames(self.memory)
-            self.kept = {f: z for f, z in self.kept.items() if f in held}
+        x0 = next(self._chunks)
         pixels = to_uint8_frames(self.decoder(x0.float())[0])
         slots, agree = slot_table(self.memory)
         with self._lock:
             self.chunks_done, self._busy = index + 1, False
-        return LiveChunk(index, start, self.prompt, switched, x0, pixels, slots, agree)
+        return LiveChunk(index, index * self.model.frames_per_chunk, self.prompt, self._switched, x0, pixels, slots,
+                         agree)
 
 
 def encode_frame(frame: np.ndarray, image_format: str = "jpeg") -> str:

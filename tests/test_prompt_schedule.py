@@ -71,6 +71,22 @@ def test_a_switch_conditions_the_chunks_from_the_switch_on_and_never_before():
         assert torch.equal(x0, switched[chunk]), chunk
 
 
+def test_an_endless_stream_asking_a_callable_schedule_equals_the_listed_schedule():
+    model = tiny_model()
+    first, second = texts(model)
+    listed = run(model, first, 24, text_schedule=[(9, second)], recache="fast")
+    asked = []
+
+    def schedule(start):
+        asked.append(start)
+        return second if start == 9 else None
+
+    endless = stream(model, first, None, SIZE, sampling=SAMPLING, seed=3, text_schedule=schedule, recache="fast")
+    chunks = [next(endless) for _ in range(8)]
+    assert asked == list(range(0, 24, 3))  # asked once per chunk, before generating it
+    assert all(torch.equal(a, b) for a, b in zip(listed, chunks))
+
+
 def test_the_text_kv_is_computed_once_per_prompt():
     model = tiny_model()
     first, second, third = texts(model, count=3)
