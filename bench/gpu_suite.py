@@ -67,6 +67,7 @@ class Sizes:
     stream_seconds: tuple[tuple[str, float], ...] = (("slow_fast", 60.0), ("sliding", 60.0), ("full", 20.0))
     compiled_presets: tuple[str, ...] = ("slow_fast", "sliding", "full")
     compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs per block)
     eager_warmup_chunks: int = 1
     compiled_warmup_chunks: int = 3
     matmul_n: int = 8192
@@ -441,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-strategy", choices=["auto", "deepspeed", "plain"], default="auto",
                         help="auto: DeepSpeed on CUDA when it imports, else plain PyTorch")
     parser.add_argument("--no-compile", action="store_true", help="streaming runs without torch.compile only")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        default="default", help="torch.compile mode of the compiled streaming runs")
     parser.add_argument("--budget-s", type=float, help="wall-clock budget of the whole suite (default by mode)")
     args = parser.parse_args(argv)
 
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--out is required")
     if args.budget_s is not None:
         sizes.budget_s = args.budget_s
+    if args.compile_mode != "default":
+        sizes.compile_mode = args.compile_mode
     if sizes.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry-run to check the suite on a CPU")
     device, dtype = torch.device(sizes.device), getattr(torch, sizes.dtype)

@@ -88,7 +88,8 @@ def run_streaming(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates:
                                               "needed)"})
             continue
         if compiled and compiled_blocks is None:
-            compiled_blocks = nn.ModuleList([torch.compile(b, backend=sizes.compile_backend) for b in eager_blocks])
+            compiled_blocks = nn.ModuleList([torch.compile(b, backend=sizes.compile_backend, mode=sizes.compile_mode)
+                                             for b in eager_blocks])
         model.blocks = compiled_blocks if compiled else eager_blocks
         warmup = sizes.compiled_warmup_chunks if compiled else sizes.eager_warmup_chunks
 
@@ -116,7 +117,8 @@ def run_streaming(sizes: Sizes, device: torch.device, dtype: torch.dtype, rates:
                                                                  out, rates)) if enough else {"status": "skipped"}
     model.blocks = eager_blocks
     return {"tokens_per_frame": p, "includes_decode": vae_cost is not None, "notes": notes, "runs": results,
-            "compile_backend": sizes.compile_backend, **extra}
+            "compile_backend": sizes.compile_backend + (f" ({sizes.compile_mode})" if sizes.compile_mode else ""),
+            **extra}
 
 
 def top_operators(fn: Any, device: torch.device, per: int, limit: int = 12) -> list[dict[str, Any]]:
