@@ -17,7 +17,8 @@ from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
 from data.clips import TeacherClipMix, check_num_frames
-from data.pipeline import EpochDataLoader, PromptFileStream, ShardStream, StreamConfig, read_prompt_file
+from data.loader import EpochDataLoader
+from data.pipeline import PromptFileStream, ShardStream, StreamConfig, read_prompt_file
 from data.remote import ShardRetry
 
 __all__ = ["VideoDataModule", "expand_shard_urls", "check_shards_exist"]

@@ -3,13 +3,15 @@
 Each DataLoader worker builds its own stream: shard list -> (node / worker split or resampling) -> tar samples
 (webdataset) -> shuffle buffer of raw samples -> decode -> batch. Batches are built inside the workers (use the
 DataLoader with ``batch_size=None``). Every batch carries ``batch["skipped"]``: reason -> number of samples this worker
-skipped since its previous batch. Skips after a worker's last batch are reported by a log warning instead.
+skipped since its previous batch. Skips after a worker's last batch are reported by a log warning instead. Batches of a
+`ShardStream` also carry ``batch[POSITION_KEY]``, where their worker's stream stands, which `EpochDataLoader` takes
+out and checkpoints so that a resumed run continues inside an epoch without decoding what was already consumed.
 
 Randomness is a pure function of (seed, epoch, rank, worker) and, for clip starts, of (seed, epoch, shard, key), so
 seeded runs repeat exactly and each epoch differs. Teacher clips (``teacher_clips``, :class:`data.clips.TeacherClipMix`)
 are drawn per (seed, epoch, shard, key) too; with ``clip_start="start"`` (validation) per (seed, shard, key) only, so
 every validation pass reads the same clips. The epoch comes from :meth:`set_epoch` (called by
-:class:`EpochDataLoader` at every new iteration) plus the number of iterations a persistent worker has run.
+:class:`data.loader.EpochDataLoader` at every new iteration) plus the number of iterations a persistent worker has run.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
+from typing import Any, Iterable, Iterator, Literal, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
@@ -39,9 +41,9 @@ __all__ = [
     "StreamConfig",
     "ShardStream",
     "PromptFileStream",
-    "EpochDataLoader",
     "read_prompt_file",
     "buffered_shuffle",
+    "POSITION_KEY",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 
 Mode = Literal["video", "latents", "prompts"]
+
+# Key of a ShardStream batch holding where its worker's stream stands (worker, raw samples read, batches made, latent
+# shape); EpochDataLoader removes it and keeps it for its checkpoint state.
+POSITION_KEY = "_stream_position"
 
 
 class SkipCounter:
@@ -218,13 +224,29 @@ class ShardStream(_EpochAware, IterableDataset):
         if not self.urls:
             raise ValueError(f"no shard URLs in {urls!r}")
         self.config = config
+        self._resume: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         if self.config.batches_per_epoch is None:
             raise TypeError("this stream has no fixed length (set batches_per_epoch)")
         return self.config.batches_per_epoch
 
-    # ---------------------------------------------------------------- shards
+    # ---------------------------------------------------------------- resuming inside an epoch
+    def skips_exactly(self, num_workers: int) -> bool:
+        """Whether `resume_from` continues an epoch exactly with ``num_workers`` DataLoader workers: the workers'
+        batches then come strictly in turn (one worker, or endless resampled streams, which only run out at their
+        ``batches_per_epoch`` share, in worker order)."""
+        return self.config.resampled or num_workers <= 1
+
+    def resume_from(self, position: dict[str, Any] | None) -> None:
+        """Make the next iteration continue an epoch without decoding what was already consumed.
+
+        ``position``: ``{"rotate": r, "workers": {w: (samples, batches, latent_shape)}}``: DataLoader worker ``i``
+        continues the stream of worker ``(i + r) % num_workers`` (the worker whose batch comes next is then asked
+        first), after skipping the ``samples`` shuffled raw samples that stream had read (no decoding) and counting
+        its ``batches`` already made. None: start the epoch from its beginning."""
+        self._resume = position
+
     def _shard_urls(self, epoch: int, rank: int, world: int, worker: int, num_workers: int) -> Iterator[dict]:
         cfg = self.config
         if cfg.resampled:
@@ -332,9 +354,10 @@ class ShardStream(_EpochAware, IterableDataset):
             latents = latents[:, start : start + cfg.latent_frames]
         return {"latents": latents.contiguous(), "text": text, "text_length": _json(sample).get("text_length")}
 
-    def _decode(self, samples: Iterable[dict], counter: SkipCounter, epoch: int) -> Iterator[dict]:
+    def _decode(self, samples: Iterable[dict], counter: SkipCounter, epoch: int, taken: list[int]) -> Iterator[dict]:
         mode = self.config.mode
         for sample in samples:
+            taken[0] += 1  # shuffled raw samples this stream has read, decoded or not
             counter.read_errors_in_a_row = 0
             caption = _caption(sample)
             if caption is None:
@@ -352,10 +375,14 @@ class ShardStream(_EpochAware, IterableDataset):
             yield decoded
 
     # ---------------------------------------------------------------- batching
-    def _batches(self, decoded: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
+    def _batches(self, decoded: Iterator[dict], counter: SkipCounter, worker: int, taken: list[int],
+                 made: int, reference_shape: tuple[int, ...] | None) -> Iterator[dict]:
         cfg = self.config
         pending: list[dict] = []
-        reference_shape: tuple[int, ...] | None = None
+
+        def position() -> tuple[int, int, int, tuple[int, ...] | None]:
+            return worker, taken[0], made, reference_shape
+
         for item in decoded:
             if cfg.mode == "latents":
                 shape = tuple(item["latents"].shape)
@@ -368,10 +395,12 @@ class ShardStream(_EpochAware, IterableDataset):
                     continue
             pending.append(item)
             if len(pending) == cfg.batch_size:
-                yield self._collate(pending, counter.take())
+                made += 1
+                yield {**self._collate(pending, counter.take()), POSITION_KEY: position()}
                 pending = []
         if pending and not cfg.drop_last:
-            yield self._collate(pending, counter.take())
+            made += 1
+            yield {**self._collate(pending, counter.take()), POSITION_KEY: position()}
         leftover = counter.take()
         if leftover:
             log.warning(f"samples skipped after this worker's last batch (not in any batch['skipped']): {leftover}")
@@ -405,6 +434,12 @@ class ShardStream(_EpochAware, IterableDataset):
         cfg = self.config
         epoch = self._next_epoch()
         rank, world, worker, num_workers = pytorch_worker_info()
+        resume, self._resume = self._resume, None  # a worker process consumes its own copy
+        skip, made, shape = 0, 0, None
+        if resume is not None:
+            worker = (worker + int(resume["rotate"])) % num_workers
+            skip, made, shape = resume["workers"].get(worker, (0, 0, None))
+            shape = None if shape is None else tuple(shape)
         counter = SkipCounter()
         shards = self._shard_urls(epoch, rank, world, worker, num_workers)
         streams = open_shards(shards, cfg.shard_retry, counter.handler)  # remote shards: bounded retries
@@ -412,9 +447,12 @@ class ShardStream(_EpochAware, IterableDataset):
         if cfg.shuffle_buffer > 1:
             rng = random.Random(_stream_seed(cfg.seed, "samples", epoch, rank, worker))
             samples = buffered_shuffle(samples, cfg.shuffle_buffer, rng)
-        batches = self._batches(self._decode(samples, counter, epoch), counter)
+        if skip:
+            samples = itertools.islice(samples, skip, None)  # read and shuffled, never decoded
+        taken = [skip]
+        batches = self._batches(self._decode(samples, counter, epoch, taken), counter, worker, taken, made, shape)
         if cfg.batches_per_epoch is not None:
-            batches = itertools.islice(batches, _worker_share(cfg.batches_per_epoch, worker, num_workers))
+            batches = itertools.islice(batches, _worker_share(cfg.batches_per_epoch, worker, num_workers) - made)
         return batches
 
 
@@ -479,83 +517,3 @@ class PromptFileStream(_EpochAware, IterableDataset):
         if self.batches_per_epoch is not None:
             return itertools.islice(batches(), _worker_share(self.batches_per_epoch, worker, num_workers))
         return batches()
-
-
-class EpochDataLoader(DataLoader):
-    """DataLoader that tells its dataset which epoch starts at every ``iter()`` (for per-epoch shuffles) and can
-    resume an interrupted epoch at the exact batch.
-
-    ``state_dict()`` (checkpointed by Lightning for a training loader) holds ``epochs_started`` and ``batches``: how
-    many batches of the current epoch training has consumed. ``batches == 0`` means the next ``iter()`` starts epoch
-    ``epochs_started``; ``batches == p > 0`` means the next ``iter()`` replays epoch ``epochs_started - 1`` and
-    discards its first ``p`` batches, so a run resumed from a mid-epoch checkpoint sees exactly the batches the
-    uninterrupted run would have seen (every stream of this module is a pure function of seed, epoch, rank and
-    worker; the replay runs in fresh workers, so any number of workers is covered). The discarded batches are
-    still read and decoded.
-
-    ``consumed`` tells how many batches of the current epoch training has taken and whether the epoch is over
-    (``(count, done)``, or None when unknown); `data.VideoDataModule` reads it from the Lightning fit loop, because
-    the loop fetches one batch ahead of training when the loader has no length. Without it the loader counts the
-    batches its iterator handed out. (Lightning 2.6 does not restore loader states when a run bounded only by
-    ``max_epochs`` resumes from an end-of-epoch checkpoint; the epoch counter then restarts at 0.)
-    """
-
-    def __init__(self, *args: Any, consumed: Callable[[], tuple[int, bool] | None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.consumed = consumed
-        self._epochs_started = 0
-        self._yielded = 0  # batches the current epoch's iterator has handed out (replayed ones included)
-        self._in_epoch = False  # an epoch has started and its iterator has not run out
-        self._replay = 0  # batches the next iter() discards (a restored mid-epoch position)
-
-    def __iter__(self):
-        replay, self._replay = self._replay, 0
-        epoch = self._epochs_started - 1 if replay else self._epochs_started
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        self._epochs_started = epoch + 1
-        self._yielded, self._in_epoch = 0, True
-        return self._counted(super().__iter__(), epoch, replay)
-
-    def _counted(self, batches: Iterator[Any], epoch: int, replay: int) -> Iterator[Any]:
-        for _ in range(replay):
-            try:
-                next(batches)
-            except StopIteration:
-                raise RuntimeError(
-                    f"cannot resume epoch {epoch} at batch {replay}: the stream now ends after {self._yielded} "
-                    "batches; the data, its settings (batch_size, batches_per_epoch, num_workers, shards) or the "
-                    "world size differ from the run that wrote the checkpoint"
-                ) from None
-            self._yielded += 1
-        for batch in batches:
-            self._yielded += 1
-            yield batch
-        self._in_epoch = False
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epochs_started", "batches"}``: see the class docstring."""
-        if not self._in_epoch:
-            return {"epochs_started": self._epochs_started, "batches": 0}
-        known = self.consumed() if self.consumed is not None else None
-        count, done = known if known is not None else (self._yielded, False)
-        length = self._length()
-        if done or (length is not None and count >= length):
-            return {"epochs_started": self._epochs_started, "batches": 0}
-        if count == 0:  # the epoch started but training has taken nothing of it yet
-            return {"epochs_started": self._epochs_started - 1, "batches": 0}
-        return {"epochs_started": self._epochs_started, "batches": int(count)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        epochs, batches = int(state_dict["epochs_started"]), int(state_dict.get("batches", 0))
-        if batches < 0 or (batches > 0 and epochs < 1):
-            raise ValueError(f"invalid loader state {state_dict}: a mid-epoch position needs epochs_started >= 1 "
-                             "and batches >= 0")
-        self._epochs_started, self._replay, self._in_epoch = epochs, batches, False
-
-    def _length(self) -> int | None:
-        try:
-            return len(self)
-        except TypeError:
-            return None
