@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cf.stage_runner import StageLog, newest_file, run_stage, run_stages_parallel, shard_urls
 
@@ -151,7 +152,12 @@ def run_demo(cfg: DemoConfig) -> Path:
             continue
         videos[model] = out / "videos" / model
         _generate(paths[model], prompts, videos[model], cfg, memory, log)
-    report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality)
+    from cf.encoders import build_autoencoder
+    from cf.generate import GeneratorSpec
+
+    spec = GeneratorSpec.load(paths["context_forcing"].parent / "config.json")
+    autoencoder = build_autoencoder(spec.autoencoder, **spec.autoencoder_kwargs)
+    report = _evaluate_and_report(videos, clips, prompts, out, cfg, log, teacher_quality, autoencoder)
     print(f"\nreport: {report}")
     return report
 
@@ -221,17 +227,21 @@ def _generate(weights: Path, prompts: list, folder: Path, cfg: DemoConfig, memor
 
 
 def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, out: Path, cfg: DemoConfig,
-                         log: StageLog, teacher_quality: dict) -> Path:
+                         log: StageLog, teacher_quality: dict, autoencoder: Any) -> Path:
+    """Score every video and the held-out clips (as they are, and through the students' autoencoder: the best a
+    model of that latent space can draw), write the frame strips and the report."""
     from tqdm.auto import tqdm
 
-    from cf.demo_report import STRIP_COLUMNS, score_video, summarize_models, write_report
+    from cf.demo_report import STRIP_COLUMNS, autoencoded, score_video, summarize_models, write_report
     from cf.evaluation.frame_strip import frame_strip, save_png
     from cf.video_io import decode_mp4
 
     start = time.perf_counter()
-    scores: dict[str, list] = {"dataset": []}
+    scores: dict[str, list] = {"dataset": [], "dataset_autoencoded": []}
+    through = [autoencoded(c["frames"], autoencoder) for c in clips]
     for prompt in prompts:  # the held-out clip itself, scored as its named and as its unnamed prompt
         scores["dataset"].append(score_video(clips[prompt.clip]["frames"], prompt, FPS))
+        scores["dataset_autoencoded"].append(score_video(through[prompt.clip], prompt, FPS))
     strips = {}
     todo = [(model, prompt) for model in videos for prompt in prompts]
     frames_of: dict[str, list] = {model: [] for model in videos}
@@ -239,7 +249,8 @@ def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, ou
         frames, fps = decode_mp4(videos[model] / f"{prompt.name}.mp4")
         scores.setdefault(model, []).append(score_video(frames, prompt, fps))
         frames_of[model].append(frames)
-    for model, rows in {"dataset": [c["frames"] for c in clips for _ in (0, 1)], **frames_of}.items():
+    for model, rows in {"dataset": [c["frames"] for c in clips for _ in (0, 1)],
+                        "dataset_autoencoded": [f for f in through for _ in (0, 1)], **frames_of}.items():
         path = out / "strips" / f"{model}.png"
         save_png(frame_strip([[f] for f in rows], columns=STRIP_COLUMNS, scale=1), path)
         strips[model] = str(path.relative_to(out))

@@ -121,6 +121,18 @@ def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str,
     return result
 
 
+def autoencoded(frames: np.ndarray, autoencoder: Any) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` frames through ``autoencoder``'s encode and decode (the first ``1 + 4k`` frames): what
+    a perfect generator of that latent space would draw, the fair reference for a model's frames."""
+    import torch
+
+    usable = (frames.shape[0] - 1) // 4 * 4 + 1
+    video = torch.from_numpy(np.ascontiguousarray(frames[:usable])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        decoded = autoencoder.decode(autoencoder.encode(video))[0]
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return float(np.mean(kept)) if kept else None

@@ -21,13 +21,14 @@ def test_quick_demo_writes_report_with_tables_strips_plots_and_videos(tmp_path):
     assert "before and after ERFT" in text and "| base |" in text and "| teacher |" in text
     for png in [*(out / "plots").glob("*.png"), *(out / "strips").glob("*.png")]:
         assert png.relative_to(out).as_posix() in text
-    assert {p.stem for p in (out / "strips").glob("*.png")} == {"dataset", "context_forcing", "sliding_window",
-                                                               "no_contextual_dmd"}
+    assert {p.stem for p in (out / "strips").glob("*.png")} == {"dataset", "dataset_autoencoded", "context_forcing",
+                                                               "sliding_window", "no_contextual_dmd"}
     for model in ("context_forcing", "sliding_window", "no_contextual_dmd"):
         videos = sorted((out / "videos" / model).glob("*.mp4"))
         assert [v.stem for v in videos] == ["c00_named", "c00_unnamed"] and all(v.name in text for v in videos)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["dataset"]["named_background_ratio"] == pytest.approx(1.0)
+    assert summary["models"]["dataset_autoencoded"]["videos"] == summary["models"]["dataset"]["videos"]
     for weights in ("teacher/teacher.safetensors", "student_stage0/generator.safetensors",
                     "student_stage1/generator.safetensors", "student_stage2/generator.safetensors",
                     "baseline_stage2/generator.safetensors"):

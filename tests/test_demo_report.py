@@ -101,3 +101,20 @@ def test_a_reset_to_the_first_frames_counts_as_one_flashback() -> None:
     reset[96:] = frames[:len(frames) - 96]  # ... and at 6 s the video jumps back to its first frames
     result = score_video(np.clip(reset, 0, 255).astype(np.uint8), prompt, fps=16)
     assert result["flashbacks"] == 1
+
+
+def test_the_autoencoded_reference_is_the_clip_through_the_toy_autoencoder() -> None:
+    """Flat 8x8 colour patches held over each latent's frames survive the toy autoencoder exactly; detail inside a
+    patch (a one-pixel dot) is averaged away; the length is cut to 1 + 4k frames."""
+    from cf.demo_report import autoencoded
+    from cf.encoders import ToyAutoencoder
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8)  # 4 latents of 4 x 4 patches
+    per_frame = np.concatenate([colours[:1], np.repeat(colours[1:], 4, axis=0)])  # 13 frames
+    clip = per_frame.repeat(8, axis=1).repeat(8, axis=2)
+    ae = ToyAutoencoder()
+    assert np.array_equal(autoencoded(np.concatenate([clip, clip[-2:]]), ae), clip)  # 15 frames -> 13
+    dotted = clip.copy()
+    dotted[:, 3, 3] = 255 - dotted[:, 3, 3]
+    assert not np.array_equal(autoencoded(dotted, ae)[:, 3, 3], dotted[:, 3, 3])
