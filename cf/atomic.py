@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_path", "atomic_write_text", "commit_temporary", "discard_temporary", "remove_stale_temporaries",
-           "temporary_name", "staged_folder", "recover_staged_folder"]
+           "temporary_name", "staged_folder", "staged_backup", "recover_staged_folder"]
 
 _MARK = ".tmp-"
 
@@ -154,7 +154,7 @@ def staged_folder(path: str | os.PathLike, is_writer: bool = True,
     yield staging
     barrier("staged_folder_written")
     if is_writer:
-        old = path.with_name(f".{path.name}.old")
+        old = staged_backup(path)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
@@ -164,11 +164,17 @@ def staged_folder(path: str | os.PathLike, is_writer: bool = True,
     barrier("staged_folder_swapped")
 
 
+def staged_backup(path: str | os.PathLike) -> Path:
+    """Where a `staged_folder` save keeps the previous folder between its two renames: ``.<name>.old``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
 def recover_staged_folder(path: str | os.PathLike) -> bool:
     """Put back the previous complete folder of a `staged_folder` save killed between its two renames (``path``
-    missing, ``.<name>.old`` present). Returns whether it did."""
+    missing, its `staged_backup` present). Returns whether it did."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = staged_backup(path)
     if not path.exists() and old.is_dir():
         os.replace(old, path)
         return True

@@ -162,17 +162,19 @@ def run_demo(cfg: DemoConfig) -> Path:
     return report
 
 
+def _toy_init_args(name: str) -> dict:
+    """``model.init_args`` of the toy config ``configs/toy/<name>``."""
+    import yaml
+
+    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+
+
 def _ode_pair_arguments() -> list[str]:
     """`cf data ode-pairs` settings read from the toy configs: the stage-0 student's latent size, text encoder and
     timestep shift (48 Euler steps, so the stored steps 0 12 24 36 land on its denoising steps), the stage-1
     window's target length (the toy base's clip length), the teacher's guidance scale and negative prompt."""
-    import yaml
-
-    def init_args(name: str) -> dict:
-        return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
-
-    stage0, stage1 = init_args("student_stage0.yaml"), init_args("student_stage1.yaml")
-    sampling = init_args("teacher_erft.yaml")["sampling"]
+    stage0, stage1 = _toy_init_args("student_stage0.yaml"), _toy_init_args("student_stage1.yaml")
+    sampling = _toy_init_args("teacher_erft.yaml")["sampling"]
     return ["--num-frames", str(stage1["window"]["target_frames"]),
             "--latent-size", *map(str, stage0["latent_size"]), "--num-steps", "48",
             "--shift", str(stage0["timestep_shift"]), "--guidance", str(sampling["guidance_scale"]),
@@ -182,8 +184,6 @@ def _ode_pair_arguments() -> list[str]:
 
 def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:
     """Continuations of held-out clips by the toy base and the ERFT teacher (same clips, same noise)."""
-    import yaml
-
     from cf.evaluation.continuation import continuation_quality
     from cf.models.wan import WanConfig, WanDiT
     from cf.teacher_layout import LongLayoutConfig
@@ -194,7 +194,7 @@ def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: li
     if cached.exists():
         return json.loads(cached.read_text())
     start = time.perf_counter()
-    args = yaml.safe_load((CONFIGS / "teacher_erft.yaml").read_text())["model"]["init_args"]
+    args = _toy_init_args("teacher_erft.yaml")
     layout = LongLayoutConfig(**args["long_layout"])
     base, autoencoder, text_encoder, _ = load_base(Path(cfg.base).parent)
     teacher = WanDiT(WanConfig(**json.loads((paths["teacher"].parent / "config.json").read_text())))

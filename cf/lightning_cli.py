@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 import cf.strategies  # noqa: F401,E402  registers the short strategy names (cf_deepspeed_stage_3, ...)
-from cf.atomic import recover_staged_folder
+from cf.atomic import recover_staged_folder, staged_backup
 
 __all__ = ["ProjectCLI", "find_last_checkpoint", "run_lightning_cli"]
 
@@ -24,7 +24,7 @@ __all__ = ["ProjectCLI", "find_last_checkpoint", "run_lightning_cli"]
 def find_last_checkpoint(root: str | Path) -> Path:
     """The newest ``last.ckpt`` (file, or DeepSpeed checkpoint folder) below ``root``, e.g. ``runs/<name>``."""
     root = Path(root)
-    for old in root.glob("**/.last.ckpt.old"):  # a checkpoint folder save killed between its two renames
+    for old in root.glob(f"**/{staged_backup('last.ckpt').name}"):  # a folder save killed between its renames
         _recover(old.with_name("last.ckpt"))
     found = [p for p in root.glob("**/last.ckpt") if p.is_file() or (p / "latest").exists() or p.is_dir()]
     if not found:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cf.encoder_base import VideoAutoencoder
 from cf.evaluation.ground_truth import _curve_summaries, reference_free_metrics
 from cf.evaluation.metrics import (
     DEFAULT_HALF_WIDTH,
@@ -64,7 +65,8 @@ class VideoSegment:
 
 
 def _first_pixel_frame(latent_frame: int, temporal_factor: int = 4) -> int:
-    return 0 if latent_frame == 0 else 1 + temporal_factor * (latent_frame - 1)
+    """The first pixel frame latent ``latent_frame`` decodes to: the pixel frames of the latents before it."""
+    return 0 if latent_frame == 0 else VideoAutoencoder.num_pixel_frames(latent_frame, temporal_factor)
 
 
 def schedule_segments(prompts: Sequence[str], start_latents: Sequence[int], num_latent_frames: int,
