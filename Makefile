@@ -24,8 +24,13 @@ $(VENV)/.installed: pyproject.toml .ci/cpu-constraints.txt
 demo: install
 	$(VENV)/bin/cf demo $(ARGS)
 
+# One pytest worker per core (at most TEST_WORKERS), each single-threaded; a test file stays on one worker so its
+# module-scoped runs are made once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 4
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15 tests --nbmake notebooks $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15 \
+	  $$( [ "$(TEST_WORKERS)" = 0 ] || echo "-n auto --maxprocesses=$(TEST_WORKERS) --dist loadfile" ) \
+	  tests --nbmake notebooks $(ARGS)
 
 bench: install
 	$(PY) bench/chunk_cost.py
