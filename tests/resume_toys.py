@@ -1,16 +1,37 @@
-"""Helpers of tests/test_resume_exact.py that run in the training subprocesses: a callback that SIGKILLs the run,
-and the entry point of the 2-process ZeRO-3 student run (``python tests/resume_toys.py student ROOT ...``)."""
+"""Helpers of the SIGKILL resume tests (tests/test_resume_exact.py, tests/test_zero3_modules.py): the runner that
+starts a training subprocess in its own process group, a callback that SIGKILLs that group, and the entry point of
+the 2-process ZeRO-3 student run (``python tests/resume_toys.py student ROOT ...``)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the test helpers beside it
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_in_own_group(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> int:
+    """Run ``argv`` in its own process group (so that a SIGKILL of the group reaches only this run); its exit code
+    (negative: killed by that signal)."""
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    process = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    if process.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"{argv[:4]} exited with {process.returncode}:\n{output[-4000:]}")
+    return process.returncode
 
 
 class KillAtStep(pl.Callback):
@@ -28,25 +49,13 @@ class KillAtStep(pl.Callback):
 
 def student_zero3(root: str, max_steps: int, save_every: int, kill_at: int, ckpt_path: str, teacher: str,
                   prompts: str) -> None:
-    """The tiny stage-2 student of tests/test_zero3_modules.py on 2 CPU ranks under ZeRO-3, on the endless prompt
-    stream (one data worker per rank), recording its final state per rank (`zero3_module_toys.StudentRecorder`)."""
-    import torch
-
+    """`test_zero3_modules.fit_student` (the tiny stage-2 student on 2 CPU ranks under ZeRO-3), SIGKILLed at step
+    ``kill_at`` when it is not 0."""
     import test_zero3_modules as zero3
-    import zero3_module_toys as toys
-    from callbacks.ema import EMA
-    from data import VideoDataModule
     from resume_toys import KillAtStep as Kill  # by module name: the spawned ranks unpickle it
 
-    torch.manual_seed(0)
-    callbacks = [EMA(decay=0.5, start_step=zero3.EMA_START), toys.StudentRecorder(str(Path(root) / "records"))]
-    if kill_at:
-        callbacks.append(Kill(kill_at))
-    engine = {"gradient_clipping": zero3.CLIP}
-    trainer = zero3.zero3_trainer(Path(root), max_steps, callbacks, save_every,
-                                  engine_configs={"generator": engine, "critic": engine})
-    data = VideoDataModule(mode="prompts", prompt_file=prompts, batch_size=1, num_workers=1, seed=0)
-    trainer.fit(zero3.student_module(teacher), datamodule=data, ckpt_path=ckpt_path or None)
+    zero3.fit_student(Path(root), max_steps, save_every, Path(ckpt_path) if ckpt_path else None, teacher, prompts,
+                      extra_callbacks=[Kill(kill_at)] if kill_at else [])
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ For `TeacherERFT` (one engine) and `CDMDStudent` (two engines, EMA callback) thr
 losses, and at the end the gathered parameters, every engine's per-rank fp32 master partition and Adam moments, and
 the module's own state (both ranks' error banks, the EMA shadow, the step counters). As in the project's configs,
 training is bounded by ``max_steps``, checkpoints are written every k steps, and the data come from
-`data.VideoDataModule` streams whose order depends on the epoch; k is one epoch, so the data position is restored
-too. The student's checkpoint is then exported with ``cf convert zero`` and generates a video.
+`data.VideoDataModule` streams. The teacher's k is one epoch (the epoch-dependent order is restored); the student's
+k falls inside its endless prompt stream (the per-worker stream position is restored). The student is also SIGKILLed
+right after its checkpoint, in a subprocess, and resumed from it to the straight run's end. Its checkpoint is then
+exported with ``cf convert zero`` and generates a video.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import signal
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,6 +31,7 @@ from safetensors.torch import load_file
 from webdataset import TarWriter
 
 import zero3_module_toys as toys
+from resume_toys import run_in_own_group
 from callbacks.ema import EMA
 from cf.cli import main as cf_main
 from cf.generate import GeneratorSpec, generate_videos, load_generator
@@ -49,8 +54,8 @@ TINY = WanConfig.tiny()
 TEXT = {"dim": 32, "max_length": 8}
 
 TEACHER_STEPS_PER_EPOCH = 3
-STUDENT_STEPS_PER_EPOCH = 6  # generator updates at trainer steps 0, 5 (first segment) and 10 (second)
-GENERATOR_EVERY = 5
+STUDENT_K = 3  # the student's checkpoint step: generator updates at trainer steps 0, 2 (first segment) and 4
+GENERATOR_EVERY = 2
 EMA_START = 2
 CLIP = 1.0
 PROMPTS = ["a red circle moves left", "a blue square falls", "a green star spins", "two yellow dots bounce",
@@ -230,27 +235,33 @@ def student_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"teacher": str(root / "teacher.safetensors"), "prompts": str(root / "prompts.txt")}
 
 
+def fit_student(root: Path, max_steps: int, save_every: Optional[int], ckpt_path: Optional[Path], teacher: str,
+                prompts: str, extra_callbacks: Sequence[pl.Callback] = ()) -> None:
+    """The tiny stage-2 student on 2 ranks, recording every rank's steps and final state under ``root/records``; the
+    same run in-process (the fixture) and in a subprocess that is SIGKILLed (``tests/resume_toys.py``)."""
+    torch.manual_seed(0)
+    engine = {"gradient_clipping": CLIP}
+    # the recorder after the EMA: at train start the EMA attaches to the generator built in configure_model
+    callbacks = [EMA(decay=0.5, start_step=EMA_START), toys.StudentRecorder(str(root / "records")), *extra_callbacks]
+    trainer = zero3_trainer(root, max_steps, callbacks, save_every,
+                            engine_configs={"generator": engine, "critic": engine})
+    # the real prompt stream: endless per-rank permutations, read by one data worker per rank
+    data = VideoDataModule(mode="prompts", prompt_file=prompts, batch_size=1, num_workers=1, seed=0)
+    trainer.fit(student_module(teacher), datamodule=data, ckpt_path=ckpt_path)
+
+
 @pytest.fixture(scope="module")
 def student_runs(tmp_path_factory: pytest.TempPathFactory, student_files: dict[str, str]) -> dict[str, Any]:
     def fit(root: Path, max_steps: int, save_every: Optional[int], ckpt_path: Optional[Path]) -> None:
-        torch.manual_seed(0)
-        engine = {"gradient_clipping": CLIP}
-        # the recorder after the EMA: at train start the EMA attaches to the generator built in configure_model
-        callbacks = [EMA(decay=0.5, start_step=EMA_START), toys.StudentRecorder(str(root / "records"))]
-        trainer = zero3_trainer(root, max_steps, callbacks, save_every,
-                                engine_configs={"generator": engine, "critic": engine})
-        # the real prompt stream: endless per-rank permutations that depend on the epoch
-        data = VideoDataModule(mode="prompts", prompt_file=student_files["prompts"], batch_size=1, num_workers=0,
-                               batches_per_epoch=STUDENT_STEPS_PER_EPOCH, seed=0)
-        trainer.fit(student_module(student_files["teacher"]), datamodule=data, ckpt_path=ckpt_path)
+        fit_student(root, max_steps, save_every, ckpt_path, student_files["teacher"], student_files["prompts"])
 
-    return three_runs(tmp_path_factory.mktemp("student"), STUDENT_STEPS_PER_EPOCH, fit)
+    return three_runs(tmp_path_factory.mktemp("student"), STUDENT_K, fit)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_student_resume_is_bit_exact(student_runs: dict[str, Any]) -> None:
-    k = STUDENT_STEPS_PER_EPOCH
+    k = STUDENT_K
     assert_resume_exact(student_runs, k)
     assert checkpoint_engine_names(student_runs["ckpt"]) == ["generator", "critic"]
 
@@ -266,17 +277,41 @@ def test_student_resume_is_bit_exact(student_runs: dict[str, Any]) -> None:
         assert int(optimizer["generator"]["inner"][0]["step"]) == 3
         assert int(optimizer["critic"]["inner"][0]["step"]) == 2 * k
     for record in first:
-        # the EMA started inside the first segment and was updated once there (generator update of step 5) ...
+        # the EMA started inside the first segment and was updated once there (generator update of step 2) ...
         assert record["start"]["ema"] is None and record["end"]["ema"] is not None
         assert record["end"]["ema_updates"] == 1
     for record in straight:
-        # ... and once more after the checkpoint (step 10); it differs from the training weights
+        # ... and once more after the checkpoint (step 4); it differs from the training weights
         assert record["end"]["ema_updates"] == 2
         assert not same(record["end"]["ema"], record["end"]["generator"])
-    # the ranks draw different prompts, and each epoch draws a new order (the epoch is restored on resume)
+    # the ranks draw different prompts; the checkpoint falls inside the stream, whose position is restored
     captions = [[step["captions"][0] for step in record["steps"]] for record in straight]
     assert captions[0] != captions[1]
-    assert any(c[:k] != c[k:] for c in captions)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_student_killed_after_its_checkpoint_resumes_bit_exact(student_runs: dict[str, Any],
+                                                               student_files: dict[str, str], tmp_path: Path) -> None:
+    """SIGKILL every rank and data worker one step after the checkpoint of step k (nothing saved, nothing cleaned up);
+    resumed from that checkpoint in a new process, the run ends exactly where the uninterrupted straight run ended."""
+    k = STUDENT_K
+
+    def fit(name: str, kill_at: int, ckpt: Optional[Path]) -> int:
+        argv = [sys.executable, str(REPO / "tests" / "resume_toys.py"), "student", str(tmp_path / name),
+                str(2 * k), str(k), str(kill_at), str(ckpt or ""), student_files["teacher"], student_files["prompts"]]
+        return run_in_own_group(argv, REPO, timeout=420)
+
+    assert fit("killed", k + 1, None) == -signal.SIGKILL
+    ckpt = tmp_path / "killed" / "ckpt" / f"step={k}.ckpt"
+    assert ckpt.is_dir() and not (tmp_path / "killed" / "records").exists()
+    assert fit("resumed", 0, ckpt) == 0
+    for rank in range(WORLD):
+        straight = student_runs["straight"][rank]
+        resumed = torch.load(tmp_path / "resumed" / "records" / f"rank{rank}.pt", weights_only=False)
+        assert_same(resumed["steps"], straight["steps"][k:], f"rank {rank} steps after resuming")
+        assert_same(resumed["end"], straight["end"], f"rank {rank} final state")
+        assert straight["end"]["ema"] is not None and resumed["global_step"] == 2 * k
 
 
 @pytest.mark.slow
