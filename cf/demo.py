@@ -68,7 +68,8 @@ MODELS = {  # name -> (weights path relative to out, memory used at generation)
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run every stage (skipping those whose outputs exist unless `fresh`) and return the report path."""
+    """Run every stage and return the report path. A stage is skipped when its output exists and its recorded
+    command (``stages.json``) is the one it would run now; once a stage runs, every stage after it runs again."""
     out = Path(cfg.out).resolve()
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
@@ -101,44 +102,54 @@ def run_demo(cfg: DemoConfig) -> Path:
     seeded = ["--seed_everything", str(cfg.seed), "--model.init_args.seed", str(cfg.seed),
               "--data.init_args.seed", str(cfg.seed)]  # the data's order (its content is the seed-0 dataset)
 
-    if not (paths["data"] / "val" / "prompts.txt").exists():
-        run_stage(cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
-                        "--val-clips", str(cfg.num_val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction),
-                        "--seed", "0"], env, log, "dataset")
+    stale = _StaleStages(log)
+    command = cf + ["data", "synth", "--out", str(paths["data"]), "--num-clips", str(cfg.num_clips),
+                    "--val-clips", str(cfg.num_val_clips), "--unnamed-fraction", str(cfg.unnamed_fraction),
+                    "--seed", "0"]
+    if stale.needs(paths["data"] / "val" / "prompts.txt", "dataset", command):
+        shutil.rmtree(paths["data"], ignore_errors=True)  # no shard of an earlier, larger dataset stays behind
+        run_stage(command, env, log, "dataset")
 
-    if not paths["teacher"].exists():
-        run_stage(cf + ["fit", "--config", str(CONFIGS / "teacher_erft.yaml"), *seeded,
-                        "--data.init_args.train_urls", shard_urls(paths["data"] / "train"),
-                        "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
-                        "--trainer.max_steps", str(cfg.teacher_steps)], env, log, "teacher ERFT (from the toy base)")
+    name = "teacher ERFT (from the toy base)"
+    command = cf + ["fit", "--config", str(CONFIGS / "teacher_erft.yaml"), *seeded,
+                    "--data.init_args.train_urls", shard_urls(paths["data"] / "train"),
+                    "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
+                    "--trainer.max_steps", str(cfg.teacher_steps)]
+    if stale.needs(paths["teacher"], name, command):
+        (paths["teacher"].parent / "continuations.json").unlink(missing_ok=True)  # measured on the old teacher
+        run_stage(command, env, log, name)
         ckpt = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
         run_stage(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
     teacher_quality = _teacher_quality(cfg, paths, out, log)
 
-    if not paths["ode_pairs"].exists():
-        run_stage(cf + ["data", "ode-pairs", "--teacher", str(paths["teacher"]),
-                        "--prompts", str(paths["data"] / "train" / "prompts.txt"),
-                        "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), *_ode_pair_arguments(),
-                        "--batch-size", "16", "--seed", str(cfg.seed)], env, log, "stage 0 data (teacher ODE pairs)")
+    name = "stage 0 data (teacher ODE pairs)"
+    command = cf + ["data", "ode-pairs", "--teacher", str(paths["teacher"]),
+                    "--prompts", str(paths["data"] / "train" / "prompts.txt"),
+                    "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), *_ode_pair_arguments(),
+                    "--batch-size", "16", "--seed", str(cfg.seed)]
+    if stale.needs(paths["ode_pairs"], name, command):
+        shutil.rmtree(paths["ode_pairs"].parent, ignore_errors=True)
+        run_stage(command, env, log, name)
     if not eval_prompts.exists():
         val_prompts = (paths["data"] / "val" / "prompts.txt").read_text().splitlines()
         eval_prompts.write_text("\n".join(val_prompts[:2]) + "\n")
     for key, name, config, steps in (("stage0", "student stage 0 (ODE regression)", "student_stage0.yaml",
                                        cfg.stage0_steps),
                                       ("stage1", "student stage 1 (DMD)", "student_stage1.yaml", cfg.stage1_steps)):
-        if not paths[key].exists():
-            run_stage(cf + ["fit", "--config", str(CONFIGS / config), *seeded, "--trainer.max_steps", str(steps)],
-                      env, log, name)
+        command = cf + ["fit", "--config", str(CONFIGS / config), *seeded, "--trainer.max_steps", str(steps)]
+        if stale.needs(paths[key], name, command):
+            run_stage(command, env, log, name)
     variants = [("context_forcing", "student stage 2 (Context Forcing)", []),
                 ("sliding_window", "baseline stage 2 (memoryless teacher, sliding window)",
                  [CONFIGS / "baseline_sliding_window.yaml"])]
     if cfg.ablation:
         variants.append(("no_contextual_dmd", "ablation stage 2 (no contextual DMD)",
                          [REPO / "configs" / "ablations" / "no_contextual_dmd.yaml"]))
-    jobs = [(cf + ["fit", "--config", str(CONFIGS / "student_stage2.yaml"),
-                   *[a for c in extra for a in ("--config", str(c))], *seeded,
-                   "--trainer.max_steps", str(cfg.stage2_steps)], name)
-            for key, name, extra in variants if not paths[key].exists()]
+    jobs = stale.needed_side_by_side([
+        (paths[key], name, cf + ["fit", "--config", str(CONFIGS / "student_stage2.yaml"),
+                                 *[a for c in extra for a in ("--config", str(c))], *seeded,
+                                 "--trainer.max_steps", str(cfg.stage2_steps)])
+        for key, name, extra in variants])
     run_stages_parallel(jobs, env, log, workers=cfg.workers)  # independent runs, one core each
 
     from cf.demo_report import demo_prompts
@@ -180,6 +191,42 @@ def _ode_pair_arguments() -> list[str]:
             "--shift", str(stage0["timestep_shift"]), "--guidance", str(sampling["guidance_scale"]),
             "--negative-prompt", str(sampling["negative_prompt"]),
             "--text-encoder-args", json.dumps(stage0["text_encoder_args"])]
+
+
+class _StaleStages:
+    """Which stages of a resumed pipeline must run: a stage whose output is missing or whose recorded command
+    differs from the one it would run now (other steps, other arguments, another output folder), and every stage
+    after one that ran. An output without a record (made by hand) is kept."""
+
+    def __init__(self, log: StageLog) -> None:
+        self.log, self.upstream_ran = log, False
+
+    def _needs(self, output: Path, name: str, command: list[str]) -> bool:
+        if self.upstream_ran:
+            return True
+        if not output.exists():
+            return True
+        recorded = self.log.command_of(name)
+        if recorded is None:
+            print(f"\n=== {name}: kept {output} (no record of the command that made it)", flush=True)
+            return False
+        if recorded != " ".join(command):
+            print(f"\n=== {name}: its command changed since {output} was made; running it again, and every "
+                  "stage after it", flush=True)
+            return True
+        print(f"\n=== {name}: up to date ({output})", flush=True)
+        return False
+
+    def needs(self, output: Path, name: str, command: list[str]) -> bool:
+        needed = self._needs(output, name, command)
+        self.upstream_ran = self.upstream_ran or needed
+        return needed
+
+    def needed_side_by_side(self, stages: list[tuple[Path, str, list[str]]]) -> list[tuple[list[str], str]]:
+        """The stages among independent ones (same inputs, none reads another's output) that must run."""
+        needed = [(command, name) for output, name, command in stages if self._needs(output, name, command)]
+        self.upstream_ran = self.upstream_ran or bool(needed)
+        return needed
 
 
 def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:

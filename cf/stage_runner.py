@@ -31,6 +31,10 @@ class StageLog(list):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(list(self), indent=1))
 
+    def command_of(self, name: str) -> str | None:
+        """The recorded command of stage ``name`` (None when it has no record)."""
+        return next((r.get("command") for r in self if r.get("stage") == name), None)
+
     def wall_seconds(self) -> float:
         """Seconds covered by at least one stage (stages that ran side by side count once)."""
         spans = sorted((r["started_at"], r["started_at"] + r["seconds"]) for r in self if "started_at" in r)

@@ -1,0 +1,77 @@
+"""`cf demo` re-run after a change: which stages run again (`cf.demo._StaleStages` on the pipeline's stages.json)."""
+
+from pathlib import Path
+
+from cf.demo import _StaleStages
+from cf.stage_runner import StageLog
+
+
+def _made(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("weights")
+    return path
+
+
+def _recorded(log: StageLog, name: str, command: list[str]) -> None:
+    log.append({"stage": name, "seconds": 1.0, "command": " ".join(command)})
+
+
+def test_a_stage_runs_again_when_its_command_changed_and_so_does_every_stage_after_it(tmp_path, capsys):
+    log = StageLog(tmp_path / "stages.json")
+    teacher, stage0, stage1 = (_made(tmp_path / f"{n}.safetensors") for n in ("teacher", "stage0", "stage1"))
+    _recorded(log, "teacher", ["fit", "teacher.yaml", "--trainer.max_steps", "600"])
+    _recorded(log, "stage 0", ["fit", "stage0.yaml", "--trainer.max_steps", "300"])
+    _recorded(log, "stage 1", ["fit", "stage1.yaml", "--trainer.max_steps", "200"])
+
+    # read back from the file, as a later `cf demo` does
+    unchanged = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not unchanged.needs(teacher, "teacher", ["fit", "teacher.yaml", "--trainer.max_steps", "600"])
+    assert not unchanged.needs(stage0, "stage 0", ["fit", "stage0.yaml", "--trainer.max_steps", "300"])
+    assert not unchanged.needs(stage1, "stage 1", ["fit", "stage1.yaml", "--trainer.max_steps", "200"])
+
+    changed = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not changed.needs(teacher, "teacher", ["fit", "teacher.yaml", "--trainer.max_steps", "600"])
+    assert changed.needs(stage0, "stage 0", ["fit", "stage0.yaml", "--trainer.max_steps", "1200"])
+    # stage 1's own command is unchanged, but it starts from the new stage-0 weights
+    assert changed.needs(stage1, "stage 1", ["fit", "stage1.yaml", "--trainer.max_steps", "200"])
+    assert "stage 0: its command changed" in capsys.readouterr().out
+
+
+def test_a_missing_output_runs_its_stage_even_with_the_same_command(tmp_path):
+    log = StageLog(tmp_path / "stages.json")
+    _recorded(log, "teacher", ["fit", "teacher.yaml"])
+    _recorded(log, "stage 0", ["fit", "stage0.yaml"])
+    stale = _StaleStages(log)
+    assert stale.needs(tmp_path / "teacher.safetensors", "teacher", ["fit", "teacher.yaml"])
+    assert stale.needs(_made(tmp_path / "stage0.safetensors"), "stage 0", ["fit", "stage0.yaml"])
+
+
+def test_an_output_without_a_record_is_kept(tmp_path, capsys):
+    """Weights put in place by hand (no stages.json record) are used as they are, as are the stages after them."""
+    stale = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not stale.needs(_made(tmp_path / "stage1.safetensors"), "stage 1", ["fit", "stage1.yaml"])
+    assert "stage 1: kept" in capsys.readouterr().out
+    assert stale.needs(tmp_path / "stage2.safetensors", "stage 2", ["fit", "stage2.yaml"])
+
+
+def test_side_by_side_stages_run_only_where_needed(tmp_path):
+    log = StageLog(tmp_path / "stages.json")
+    stage1 = _made(tmp_path / "stage1.safetensors")
+    _recorded(log, "stage 1", ["fit", "stage1.yaml"])
+    done = _made(tmp_path / "cf" / "generator.safetensors")
+    _recorded(log, "context forcing", ["fit", "stage2.yaml"])
+    _recorded(log, "baseline", ["fit", "stage2.yaml", "baseline.yaml", "--trainer.max_steps", "100"])
+    baseline = _made(tmp_path / "baseline" / "generator.safetensors")
+    stages = [(done, "context forcing", ["fit", "stage2.yaml"]),
+              (baseline, "baseline", ["fit", "stage2.yaml", "baseline.yaml", "--trainer.max_steps", "150"]),
+              (tmp_path / "ablation" / "generator.safetensors", "ablation", ["fit", "stage2.yaml", "ablation.yaml"])]
+
+    stale = _StaleStages(log)
+    assert not stale.needs(stage1, "stage 1", ["fit", "stage1.yaml"])
+    # the baseline's steps changed and the ablation was never made; Context Forcing stays as it is
+    assert [name for _, name in stale.needed_side_by_side(stages)] == ["baseline", "ablation"]
+
+    after_upstream = _StaleStages(log)
+    assert after_upstream.needs(stage1, "stage 1", ["fit", "stage1.yaml", "--trainer.max_steps", "400"])
+    assert [name for _, name in after_upstream.needed_side_by_side(stages)] == ["context forcing", "baseline",
+                                                                                  "ablation"]
