@@ -175,9 +175,9 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 def _toy_init_args(name: str) -> dict:
     """``model.init_args`` of the toy config ``configs/toy/<name>``."""
-    import yaml
+    from cf.toy_base import model_init_args
 
-    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+    return model_init_args(CONFIGS / name)
 
 
 def _ode_pair_arguments() -> list[str]:

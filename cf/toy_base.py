@@ -38,7 +38,7 @@ CONFIG = REPO / "configs" / "toy" / "base.yaml"
 WEIGHTS_DIR = REPO / "configs" / "toy" / "base"
 WEIGHTS_NAME = "base.safetensors"
 
-__all__ = ["BaseMeasureConfig", "held_out_clips", "load_base", "sample_base", "measure_base", "run_toy_base"]
+__all__ = ["BaseMeasureConfig", "held_out_clips", "load_base", "model_init_args", "sample_base", "measure_base", "run_toy_base"]
 
 
 @dataclass
@@ -54,10 +54,11 @@ class BaseMeasureConfig:
     strip_rows: int = 8
 
 
-def _model_args(config_path: Path) -> dict[str, Any]:
+def model_init_args(config_path: str | Path) -> dict[str, Any]:
+    """``model.init_args`` of a LightningCLI YAML config."""
     import yaml
 
-    return yaml.safe_load(config_path.read_text())["model"]["init_args"]
+    return yaml.safe_load(Path(config_path).read_text())["model"]["init_args"]
 
 
 def _data_args(config_path: Path) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def load_base(weights_dir: str | Path = WEIGHTS_DIR, config_path: str | Path = C
     weights = weights_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no base weights at {weights}; train them with `cf toy-base`")
-    args = _model_args(Path(config_path))
+    args = model_init_args(config_path)
     network = WanDiT(WanConfig(**json.loads((weights_dir / "config.json").read_text())))
     load_wan_weights(network, weights)
     autoencoder = build_autoencoder(args["autoencoder"], **(args.get("autoencoder_args") or {}))
