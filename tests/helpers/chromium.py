@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -125,14 +126,14 @@ class HeadlessChromium:
         self.next_id = 0
 
     def __enter__(self) -> "HeadlessChromium":
-        self.profile = tempfile.TemporaryDirectory(prefix="cf-chromium-")
+        self.profile = tempfile.TemporaryDirectory(prefix="cf-chromium-", ignore_cleanup_errors=True)
         log = Path(self.profile.name) / "stderr.log"
         self.log = log.open("wb")
         self.process = subprocess.Popen(
             [self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--remote-debugging-port=0",
              f"--user-data-dir={self.profile.name}/profile", f"--window-size={self.size[0]},{self.size[1]}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=self.log)
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
         try:
             port = self._devtools_port(log)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
@@ -161,14 +162,28 @@ class HeadlessChromium:
     def __exit__(self, *exc: Any) -> None:
         if getattr(self, "ws", None) is not None:
             self.ws.close()
-        self.process.terminate()
+        # Chromium's helpers (renderer, crashpad) share its process group and may still write to the
+        # profile after the browser exits: end the whole group before removing the profile.
+        self._signal_group(signal.SIGTERM)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._signal_group(signal.SIGKILL)
         self.log.close()
+        for _ in range(20):
+            shutil.rmtree(self.profile.name, ignore_errors=True)
+            if not Path(self.profile.name).exists():
+                break
+            time.sleep(0.1)
         self.profile.cleanup()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         """Send one CDP command and return its result (events in between are skipped)."""
