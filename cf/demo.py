@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cf.stage_runner import StageLog, newest_file, run_stage, run_stages_parallel, shard_urls
+from cf.stage_runner import StageLog, config_fingerprint, newest_file, run_stage, run_stages_parallel, shard_urls
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "toy"
@@ -194,9 +194,9 @@ def _ode_pair_arguments() -> list[str]:
 
 
 class _StaleStages:
-    """Which stages of a resumed pipeline must run: a stage whose output is missing or whose recorded command
-    differs from the one it would run now (other steps, other arguments, another output folder), and every stage
-    after one that ran. An output without a record (made by hand) is kept."""
+    """Which stages of a resumed pipeline must run: a stage whose output is missing, whose recorded command differs
+    from the one it would run now (other steps, other arguments, another output folder) or whose config files were
+    edited since it ran, and every stage after one that ran. An output without a record (made by hand) is kept."""
 
     def __init__(self, log: StageLog) -> None:
         self.log, self.upstream_ran = log, False
@@ -206,13 +206,17 @@ class _StaleStages:
             return True
         if not output.exists():
             return True
-        recorded = self.log.command_of(name)
-        if recorded is None:
+        record = self.log.record_of(name)
+        if record is None:
             print(f"\n=== {name}: kept {output} (no record of the command that made it)", flush=True)
             return False
-        if recorded != " ".join(command):
+        if record.get("command") != " ".join(command):
             print(f"\n=== {name}: its command changed since {output} was made; running it again, and every "
                   "stage after it", flush=True)
+            return True
+        if "configs" in record and record["configs"] != config_fingerprint(command):
+            print(f"\n=== {name}: its config files were edited since {output} was made; running it again, and "
+                  "every stage after it", flush=True)
             return True
         print(f"\n=== {name}: up to date ({output})", flush=True)
         return False

@@ -3,13 +3,14 @@ that can also be run by hand, printed before it starts and logged with its wall 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["StageLog", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+__all__ = ["StageLog", "config_fingerprint", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
 
 
 class StageLog(list):
@@ -31,9 +32,9 @@ class StageLog(list):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(list(self), indent=1))
 
-    def command_of(self, name: str) -> str | None:
-        """The recorded command of stage ``name`` (None when it has no record)."""
-        return next((r.get("command") for r in self if r.get("stage") == name), None)
+    def record_of(self, name: str) -> dict | None:
+        """The record of stage ``name`` (None when it has none)."""
+        return next((r for r in self if r.get("stage") == name), None)
 
     def wall_seconds(self) -> float:
         """Seconds covered by at least one stage (stages that ran side by side count once)."""
@@ -46,19 +47,36 @@ class StageLog(list):
         return total
 
 
+def config_fingerprint(cmd: list[str]) -> str | None:
+    """SHA-256 over the contents of the files that follow ``--config`` in ``cmd`` (None when there are none), so a
+    record tells whether a stage's config files were edited since it ran."""
+    files = [Path(arg) for flag, arg in zip(cmd, cmd[1:]) if flag == "--config" and Path(arg).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def run_stage(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -> float:
     """Run ``cmd`` with ``env`` added to the environment (raises CalledProcessError if it fails); append
-    ``{"stage", "seconds", "command"}`` to ``log`` and return the seconds it took."""
+    ``{"stage", "seconds", "command", "configs"}`` to ``log`` and return the seconds it took."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    configs = config_fingerprint(cmd)
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, **env}, check=True)
     seconds = time.perf_counter() - start
-    _record(log, name, cmd, seconds)
+    _record(log, name, cmd, configs, seconds)
     return seconds
 
 
-def _record(log: list[dict], name: str, cmd: list[str], seconds: float) -> None:
-    log.append({"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)})
+def _record(log: list[dict], name: str, cmd: list[str], configs: str | None, seconds: float) -> None:
+    record = {"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)}
+    if configs is not None:
+        record["configs"] = configs
+    log.append(record)
     print(f"=== {name} done in {seconds:.0f} s", flush=True)
 
 
@@ -97,11 +115,11 @@ def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], 
             print(f"\n=== {name} (output: {path}): {' '.join(cmd)}", flush=True)
             handle = open(path, "w")
             proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
-            running.append((proc, name, cmd, time.perf_counter(), handle))
+            running.append((proc, name, cmd, config_fingerprint(cmd), time.perf_counter(), handle))
         if failed is not None:
             pending.clear()
         for entry in list(running):
-            proc, name, cmd, start, handle = entry
+            proc, name, cmd, configs, start, handle = entry
             if proc.poll() is None:
                 continue
             handle.close()
@@ -111,7 +129,7 @@ def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], 
                 failed = failed or subprocess.CalledProcessError(proc.returncode, cmd)
                 print(f"=== {name} FAILED (exit {proc.returncode}) after {seconds:.0f} s", flush=True)
                 continue
-            _record(log, name, cmd, seconds)
+            _record(log, name, cmd, configs, seconds)
         time.sleep(1.0)
     if failed is not None:
         raise failed

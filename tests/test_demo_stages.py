@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cf.demo import _StaleStages
-from cf.stage_runner import StageLog
+from cf.stage_runner import StageLog, config_fingerprint
 
 
 def _made(path: Path) -> Path:
@@ -75,3 +75,47 @@ def test_side_by_side_stages_run_only_where_needed(tmp_path):
     assert after_upstream.needs(stage1, "stage 1", ["fit", "stage1.yaml", "--trainer.max_steps", "400"])
     assert [name for _, name in after_upstream.needed_side_by_side(stages)] == ["context forcing", "baseline",
                                                                                   "ablation"]
+
+
+def test_an_edited_config_file_runs_its_stage_again_with_the_same_command(tmp_path, capsys):
+    """The command names the config file; its contents are what changed (e.g. a new default in the yaml)."""
+    stage0_yaml, stage1_yaml = tmp_path / "stage0.yaml", tmp_path / "stage1.yaml"
+    stage0_yaml.write_text("model:\n  lr: 1.0e-4\n")
+    stage1_yaml.write_text("model:\n  critic_steps_per_generator_step: 2\n")
+    stage0, stage1 = _made(tmp_path / "stage0.safetensors"), _made(tmp_path / "stage1.safetensors")
+    stage0_cmd = ["fit", "--config", str(stage0_yaml)]
+    stage1_cmd = ["fit", "--config", str(stage1_yaml), "--trainer.max_steps", "200"]
+    log = StageLog(tmp_path / "stages.json")
+    for name, cmd in (("stage 0", stage0_cmd), ("stage 1", stage1_cmd)):
+        log.append({"stage": name, "seconds": 1.0, "command": " ".join(cmd), "configs": config_fingerprint(cmd)})
+
+    unchanged = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not unchanged.needs(stage0, "stage 0", stage0_cmd)
+    assert not unchanged.needs(stage1, "stage 1", stage1_cmd)
+
+    stage1_yaml.write_text("model:\n  critic_steps_per_generator_step: 5\n")
+    edited = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not edited.needs(stage0, "stage 0", stage0_cmd)
+    assert edited.needs(stage1, "stage 1", stage1_cmd)
+    assert "stage 1: its config files were edited" in capsys.readouterr().out
+    # a record from before config fingerprints were kept is judged by its command alone
+    log.append({"stage": "stage 1", "seconds": 1.0, "command": " ".join(stage1_cmd)})
+    assert not _StaleStages(StageLog(tmp_path / "stages.json")).needs(stage1, "stage 1", stage1_cmd)
+
+
+def test_run_stage_records_the_fingerprint_of_every_config_file(tmp_path):
+    import sys
+
+    from cf.stage_runner import run_stage
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("a: 1\n")
+    second.write_text("b: 2\n")
+    cmd = [sys.executable, "-c", "pass", "--config", str(first), "--config", str(second)]
+    log = StageLog(tmp_path / "stages.json")
+    run_stage(cmd, {}, log, "noop")
+    recorded = StageLog(tmp_path / "stages.json").record_of("noop")["configs"]
+    assert recorded == config_fingerprint(cmd)
+    second.write_text("b: 3\n")  # either file's contents move the fingerprint
+    assert config_fingerprint(cmd) != recorded
+    assert config_fingerprint([sys.executable, "-c", "pass"]) is None
