@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cf.stage_runner import StageLog, config_fingerprint, newest_file, run_stage, run_stages_parallel, shard_urls
+from cf.stage_runner import StageLog, config_fingerprint, file_fingerprint, newest_file, run_stage, run_stages_parallel, shard_urls
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "toy"
@@ -195,11 +195,13 @@ def _ode_pair_arguments() -> list[str]:
 
 class _StaleStages:
     """Which stages of a resumed pipeline must run: a stage whose output is missing, whose recorded command differs
-    from the one it would run now (other steps, other arguments, another output folder) or whose config files were
-    edited since it ran, and every stage after one that ran. An output without a record (made by hand) is kept."""
+    from the one it would run now (other steps, other arguments, another output folder), whose config files were
+    edited since it ran, or that started before the stage feeding it last finished (an interrupted re-run), and
+    every stage after one that runs. An output without a record (made by hand) is kept."""
 
     def __init__(self, log: StageLog) -> None:
         self.log, self.upstream_ran = log, False
+        self.upstream_finished: tuple[str, float] | None = None  # the last checked stage with a record, its end
 
     def _needs(self, output: Path, name: str, command: list[str]) -> bool:
         if self.upstream_ran:
@@ -218,18 +220,32 @@ class _StaleStages:
             print(f"\n=== {name}: its config files were edited since {output} was made; running it again, and "
                   "every stage after it", flush=True)
             return True
+        if self.upstream_finished is not None and record.get("started_at", 0.0) < self.upstream_finished[1]:
+            print(f"\n=== {name}: {output} was made before {self.upstream_finished[0]} last ran; running it again, "
+                  "and every stage after it", flush=True)
+            return True
         print(f"\n=== {name}: up to date ({output})", flush=True)
         return False
+
+    def _kept(self, names: list[str]) -> None:
+        ends = [(n, r["started_at"] + r.get("seconds", 0.0)) for n in names
+                if (r := self.log.record_of(n)) is not None and "started_at" in r]
+        if ends:
+            self.upstream_finished = max(ends, key=lambda end: end[1])
 
     def needs(self, output: Path, name: str, command: list[str]) -> bool:
         needed = self._needs(output, name, command)
         self.upstream_ran = self.upstream_ran or needed
+        if not needed:
+            self._kept([name])
         return needed
 
     def needed_side_by_side(self, stages: list[tuple[Path, str, list[str]]]) -> list[tuple[list[str], str]]:
         """The stages among independent ones (same inputs, none reads another's output) that must run."""
         needed = [(command, name) for output, name, command in stages if self._needs(output, name, command)]
         self.upstream_ran = self.upstream_ran or bool(needed)
+        if not needed:
+            self._kept([name for _, name, _ in stages])
         return needed
 
 
@@ -261,20 +277,29 @@ def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: li
     return result
 
 
-def _generate(weights: Path, prompts: list, folder: Path, cfg: DemoConfig, memory: str, log: list) -> None:
+def _generate(weights: Path, prompts: list, folder: Path, cfg: DemoConfig, memory: str, log: StageLog) -> None:
+    """60 s videos of ``prompts`` by the generator ``weights`` into ``folder``; videos made by the same command from
+    the same weights (by SHA-256) are kept, so a re-trained generator always gets new videos."""
     from cf.generate import GeneratorSpec, generate_videos, load_generator
 
     names = [p.name for p in prompts]
-    if folder.exists() and all((folder / f"{n}.mp4").exists() for n in names):
-        return
+    stage = f"generate {folder.name}"
+    command = f"cf generate --weights {weights} --memory {memory} --seconds {cfg.seconds:g} --seed {cfg.seed}"
+    digest = file_fingerprint(weights)
+    record = log.record_of(stage)
+    videos = [folder / f"{n}.mp4" for n in names]
+    if all(v.exists() for v in videos) and record is not None and record.get("command") == command:
+        if record.get("weights") == digest:
+            return
+        if "weights" not in record and min(v.stat().st_mtime for v in videos) > weights.stat().st_mtime:
+            return  # recorded before weight fingerprints were kept: the videos are newer than the weights
     start = time.perf_counter()
     spec = GeneratorSpec.load(weights.parent / "config.json")
     model = load_generator(spec, weights)
     generate_videos(spec, model, [p.text for p in prompts], folder, seconds=cfg.seconds, seed=cfg.seed,
                     memory=memory, batch_size=len(prompts), names=names, overwrite=True)
-    log.append({"stage": f"generate {folder.name}", "seconds": round(time.perf_counter() - start, 1),
-                "command": f"cf generate --weights {weights} --memory {memory} --seconds {cfg.seconds:g} "
-                           f"--seed {cfg.seed}"})
+    log.append({"stage": stage, "seconds": round(time.perf_counter() - start, 1), "command": command,
+                "weights": digest})
 
 
 def _evaluate_and_report(videos: dict[str, Path], clips: list, prompts: list, out: Path, cfg: DemoConfig,

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["StageLog", "config_fingerprint", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+__all__ = ["StageLog", "config_fingerprint", "file_fingerprint", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
 
 
 class StageLog(list):
@@ -45,6 +45,15 @@ class StageLog(list):
                 total += stop - max(start, end)
                 end = stop
         return total
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's contents (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_fingerprint(cmd: list[str]) -> str | None:

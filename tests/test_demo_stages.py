@@ -13,7 +13,9 @@ def _made(path: Path) -> Path:
 
 
 def _recorded(log: StageLog, name: str, command: list[str]) -> None:
-    log.append({"stage": name, "seconds": 1.0, "command": " ".join(command)})
+    """A record of a stage that started after every stage recorded before it had finished."""
+    started = max((r["started_at"] + r["seconds"] for r in log), default=0.0) + 1.0
+    log.append({"stage": name, "seconds": 1.0, "command": " ".join(command), "started_at": started})
 
 
 def test_a_stage_runs_again_when_its_command_changed_and_so_does_every_stage_after_it(tmp_path, capsys):
@@ -86,8 +88,9 @@ def test_an_edited_config_file_runs_its_stage_again_with_the_same_command(tmp_pa
     stage0_cmd = ["fit", "--config", str(stage0_yaml)]
     stage1_cmd = ["fit", "--config", str(stage1_yaml), "--trainer.max_steps", "200"]
     log = StageLog(tmp_path / "stages.json")
-    for name, cmd in (("stage 0", stage0_cmd), ("stage 1", stage1_cmd)):
-        log.append({"stage": name, "seconds": 1.0, "command": " ".join(cmd), "configs": config_fingerprint(cmd)})
+    for started, name, cmd in ((0.0, "stage 0", stage0_cmd), (10.0, "stage 1", stage1_cmd)):
+        log.append({"stage": name, "seconds": 1.0, "command": " ".join(cmd), "configs": config_fingerprint(cmd),
+                    "started_at": started})
 
     unchanged = _StaleStages(StageLog(tmp_path / "stages.json"))
     assert not unchanged.needs(stage0, "stage 0", stage0_cmd)
@@ -99,7 +102,7 @@ def test_an_edited_config_file_runs_its_stage_again_with_the_same_command(tmp_pa
     assert edited.needs(stage1, "stage 1", stage1_cmd)
     assert "stage 1: its config files were edited" in capsys.readouterr().out
     # a record from before config fingerprints were kept is judged by its command alone
-    log.append({"stage": "stage 1", "seconds": 1.0, "command": " ".join(stage1_cmd)})
+    log.append({"stage": "stage 1", "seconds": 1.0, "command": " ".join(stage1_cmd), "started_at": 10.0})
     assert not _StaleStages(StageLog(tmp_path / "stages.json")).needs(stage1, "stage 1", stage1_cmd)
 
 
@@ -119,3 +122,63 @@ def test_run_stage_records_the_fingerprint_of_every_config_file(tmp_path):
     second.write_text("b: 3\n")  # either file's contents move the fingerprint
     assert config_fingerprint(cmd) != recorded
     assert config_fingerprint([sys.executable, "-c", "pass"]) is None
+
+
+def test_a_stage_made_before_its_upstream_last_ran_runs_again(tmp_path, capsys):
+    """A re-run that stopped after stage 1 but before stage 2 finished: stage 2's old output is still there with its
+    old (unchanged) command, but it was made from the previous stage-1 weights."""
+    stage1, stage2 = _made(tmp_path / "stage1.safetensors"), _made(tmp_path / "stage2.safetensors")
+    stage3 = _made(tmp_path / "stage3.safetensors")
+    log = StageLog(tmp_path / "stages.json")
+    log.append({"stage": "stage 2", "seconds": 5.0, "command": "fit stage2.yaml", "started_at": 1000.0})
+    log.append({"stage": "stage 3", "seconds": 5.0, "command": "fit stage3.yaml", "started_at": 1010.0})
+    log.append({"stage": "stage 1", "seconds": 5.0, "command": "fit stage1.yaml", "started_at": 2000.0})
+
+    stale = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not stale.needs(stage1, "stage 1", ["fit", "stage1.yaml"])
+    assert stale.needs(stage2, "stage 2", ["fit", "stage2.yaml"])
+    assert "stage 2: " + str(stage2) + " was made before stage 1 last ran" in capsys.readouterr().out
+    assert stale.needs(stage3, "stage 3", ["fit", "stage3.yaml"])  # after one that runs
+
+    # the same ordering, but stage 2 started after stage 1 finished: nothing to do
+    log.append({"stage": "stage 2", "seconds": 5.0, "command": "fit stage2.yaml", "started_at": 2006.0})
+    log.append({"stage": "stage 3", "seconds": 5.0, "command": "fit stage3.yaml", "started_at": 2012.0})
+    fresh = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert [fresh.needs(p, n, ["fit", f"{n.replace(' ', '')}.yaml"]) for p, n in
+            ((stage1, "stage 1"), (stage2, "stage 2"), (stage3, "stage 3"))] == [False, False, False]
+    # side-by-side stages compare with the same upstream, and the latest of them feeds what comes next
+    side = _StaleStages(StageLog(tmp_path / "stages.json"))
+    assert not side.needs(stage1, "stage 1", ["fit", "stage1.yaml"])
+    assert side.needed_side_by_side([(stage2, "stage 2", ["fit", "stage2.yaml"])]) == []
+    assert side.upstream_finished == ("stage 2", 2011.0)
+
+
+def test_videos_are_made_again_when_the_generator_weights_change(tmp_path, monkeypatch):
+    import types
+
+    import cf.generate
+    from cf.demo import DemoConfig, _generate
+
+    made = []
+
+    def fake_generate_videos(spec, model, texts, folder, names, **kwargs):
+        made.append(list(names))
+        for name in names:
+            _made(Path(folder) / f"{name}.mp4")
+
+    monkeypatch.setattr(cf.generate, "generate_videos", fake_generate_videos)
+    monkeypatch.setattr(cf.generate, "load_generator", lambda spec, weights: None)
+    monkeypatch.setattr(cf.generate.GeneratorSpec, "load", staticmethod(lambda path: None))
+    weights = _made(tmp_path / "student" / "generator.safetensors")
+    prompts = [types.SimpleNamespace(name="clip0_named", text="a red circle")]
+    log = StageLog(tmp_path / "stages.json")
+    cfg = DemoConfig()
+
+    _generate(weights, prompts, tmp_path / "videos", cfg, "context_forcing", log)
+    _generate(weights, prompts, tmp_path / "videos", cfg, "context_forcing", StageLog(tmp_path / "stages.json"))
+    assert len(made) == 1  # same weights, same command: the videos are kept
+    weights.write_text("re-trained weights")
+    _generate(weights, prompts, tmp_path / "videos", cfg, "context_forcing", StageLog(tmp_path / "stages.json"))
+    assert len(made) == 2
+    _generate(weights, prompts, tmp_path / "videos", cfg, "sliding_window", StageLog(tmp_path / "stages.json"))
+    assert len(made) == 3  # another memory, another command
