@@ -193,6 +193,9 @@ def _ode_pair_arguments() -> list[str]:
             "--text-encoder-args", json.dumps(stage0["text_encoder_args"])]
 
 
+STAGE_CLOCK_SLACK_S = 1.0  # a record's start is known to ~0.1 s (older records: start = end - rounded seconds)
+
+
 class _StaleStages:
     """Which stages of a resumed pipeline must run: a stage whose output is missing, whose recorded command differs
     from the one it would run now (other steps, other arguments, another output folder), whose config files were
@@ -220,7 +223,8 @@ class _StaleStages:
             print(f"\n=== {name}: its config files were edited since {output} was made; running it again, and "
                   "every stage after it", flush=True)
             return True
-        if self.upstream_finished is not None and record.get("started_at", 0.0) < self.upstream_finished[1]:
+        if (self.upstream_finished is not None
+                and record.get("started_at", 0.0) < self.upstream_finished[1] - STAGE_CLOCK_SLACK_S):
             print(f"\n=== {name}: {output} was made before {self.upstream_finished[0]} last ran; running it again, "
                   "and every stage after it", flush=True)
             return True

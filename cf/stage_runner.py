@@ -73,16 +73,17 @@ def run_stage(cmd: list[str], env: dict[str, str], log: list[dict], name: str) -
     """Run ``cmd`` with ``env`` added to the environment (raises CalledProcessError if it fails); append
     ``{"stage", "seconds", "command", "configs"}`` to ``log`` and return the seconds it took."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    configs = config_fingerprint(cmd)
+    configs, started_at = config_fingerprint(cmd), time.time()
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, **env}, check=True)
     seconds = time.perf_counter() - start
-    _record(log, name, cmd, configs, seconds)
+    _record(log, name, cmd, configs, started_at, seconds)
     return seconds
 
 
-def _record(log: list[dict], name: str, cmd: list[str], configs: str | None, seconds: float) -> None:
-    record = {"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd)}
+def _record(log: list[dict], name: str, cmd: list[str], configs: str | None, started_at: float,
+            seconds: float) -> None:
+    record = {"stage": name, "seconds": round(seconds, 1), "command": " ".join(cmd), "started_at": started_at}
     if configs is not None:
         record["configs"] = configs
     log.append(record)
@@ -124,11 +125,11 @@ def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], 
             print(f"\n=== {name} (output: {path}): {' '.join(cmd)}", flush=True)
             handle = open(path, "w")
             proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
-            running.append((proc, name, cmd, config_fingerprint(cmd), time.perf_counter(), handle))
+            running.append((proc, name, cmd, config_fingerprint(cmd), time.time(), time.perf_counter(), handle))
         if failed is not None:
             pending.clear()
         for entry in list(running):
-            proc, name, cmd, configs, start, handle = entry
+            proc, name, cmd, configs, started_at, start, handle = entry
             if proc.poll() is None:
                 continue
             handle.close()
@@ -138,7 +139,7 @@ def run_stages_parallel(jobs: list[tuple[list[str], str]], env: dict[str, str], 
                 failed = failed or subprocess.CalledProcessError(proc.returncode, cmd)
                 print(f"=== {name} FAILED (exit {proc.returncode}) after {seconds:.0f} s", flush=True)
                 continue
-            _record(log, name, cmd, configs, seconds)
+            _record(log, name, cmd, configs, started_at, seconds)
         time.sleep(1.0)
     if failed is not None:
         raise failed
