@@ -5,11 +5,11 @@ It starts from the shipped toy base model (configs/toy/base/, what Wan2.1 is for
 1. synthesises the sprite dataset (train / held-out val; a quarter of the captions leave every colour unnamed);
 2. fine-tunes the base with ERFT into the long-context teacher and exports it; scores the base's and the teacher's
    continuations of held-out clips against their ground truth (`cf.evaluation.continuation`);
-3. distils the student: stage 0 (ODE regression onto the base model's trajectories, as the real run regresses
-   onto Wan2.1's) and stage 1 (DMD, 6-frame rollouts), then stage 2 with Context Forcing (contextual DMD on long
-   rollouts through the Slow-Fast Memory); the baseline of the paper's argument, the same stage 2 with a memoryless
-   short-window teacher and a sliding-window student (LongLive-style), trained at the same time on the second
-   core; and, with ``--ablation``, stage 2 without contextual DMD (configs/ablations/no_contextual_dmd.yaml);
+3. distils the student: stage 0 (ODE regression onto the teacher's trajectories) and stage 1 (DMD, 6-frame
+   rollouts), then stage 2 with Context Forcing (contextual DMD on long rollouts through the Slow-Fast Memory); the
+   baseline of the paper's argument, the same stage 2 with a memoryless short-window teacher and a sliding-window
+   student (LongLive-style), trained at the same time on the second core; and, with ``--ablation``, stage 2
+   without contextual DMD (configs/ablations/no_contextual_dmd.yaml);
 4. generates 60 s videos for the named and the unnamed prompt of held-out clips with every student;
 5. scores them from pixels against the clips' ground truth (`cf.demo_report`: prompted attributes, unprompted
    background and sprite colours, flashbacks) and writes `report.md` with tables, plots and a frame strip per model.
@@ -122,9 +122,9 @@ def run_demo(cfg: DemoConfig) -> Path:
         run_stage(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
     teacher_quality = _teacher_quality(cfg, paths, out, log)
 
-    # the trajectories come from the base model, not the ERFT teacher (method §F.9: Wan2.1's own ODE trajectories)
-    name = "stage 0 data (ODE pairs of the base model)"
-    command = cf + ["data", "ode-pairs", "--teacher", str(cfg.base),
+    # the ERFT teacher's trajectories (the real run uses Wan2.1's, §F.9; on the toy the base's gave fewer sprites)
+    name = "stage 0 data (teacher ODE pairs)"
+    command = cf + ["data", "ode-pairs", "--teacher", str(paths["teacher"]),
                     "--prompts", str(paths["data"] / "train" / "prompts.txt"),
                     "--out", str(paths["ode_pairs"].parent / "ode-%06d.tar"), *_ode_pair_arguments(),
                     "--batch-size", "16", "--seed", str(cfg.seed)]
