@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cf.stage_runner import StageLog, config_fingerprint, file_fingerprint, newest_file, run_stage, run_stages_parallel, shard_urls
+from cf.stage_runner import (StageLog, config_fingerprint, file_fingerprint, newest_file, run_stage,
+                             run_stages_parallel, shard_urls)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "toy"
@@ -239,11 +240,7 @@ class _StaleStages:
             self.upstream_finished = max(ends, key=lambda end: end[1])
 
     def needs(self, output: Path, name: str, command: list[str]) -> bool:
-        needed = self._needs(output, name, command)
-        self.upstream_ran = self.upstream_ran or needed
-        if not needed:
-            self._kept([name])
-        return needed
+        return bool(self.needed_side_by_side([(output, name, command)]))
 
     def needed_side_by_side(self, stages: list[tuple[Path, str, list[str]]]) -> list[tuple[list[str], str]]:
         """The stages among independent ones (same inputs, none reads another's output) that must run."""

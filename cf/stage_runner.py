@@ -10,7 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["StageLog", "config_fingerprint", "file_fingerprint", "run_stage", "run_stages_parallel", "shard_urls", "newest_file"]
+__all__ = ["StageLog", "config_fingerprint", "file_fingerprint", "run_stage", "run_stages_parallel", "shard_urls",
+           "newest_file"]
 
 
 class StageLog(list):
