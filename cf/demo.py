@@ -47,7 +47,7 @@ class DemoConfig:
     num_clips: int = 160
     num_val_clips: int = 16
     unnamed_fraction: float = 0.25
-    teacher_steps: int = 600
+    teacher_steps: int = 300
     stage0_steps: int = 1200
     stage1_steps: int = 200
     stage2_steps: int = 150

@@ -54,7 +54,7 @@ def test_toy_config_instantiates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert model.hparams.layout == "batch" and model.hparams.autoencoder == "toy"
     assert data.train_urls == f"{tmp_path}/data/train/shard-{{000000..000003}}.tar"
     assert data.train_config.num_frames is None and data.train_config.height == 64
-    assert trainer.gradient_clip_val == 1.0 and trainer.max_steps == 600
+    assert trainer.gradient_clip_val == 1.0 and trainer.max_steps == 300
     assert any(isinstance(c, SkippedSamplesLogger) for c in trainer.callbacks)
     assert any(isinstance(c, VideoLogger) for c in trainer.callbacks)
     assert isinstance(trainer.logger, pl.loggers.TensorBoardLogger)
