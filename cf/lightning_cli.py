@@ -9,6 +9,7 @@ with a clear message when the run has none, instead of silently starting over.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +81,22 @@ def run_lightning_cli(args: list[str], run: bool = True) -> ProjectCLI:
     saved = sys.argv
     sys.argv = [*saved[:1], *args] if saved else ["cf", *args]
     try:
-        return ProjectCLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=None,
-            run=run,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+        with warnings.catch_warnings():
+            # The students optimise manually and their checkpoints are meant to hold the state after the step:
+            # resuming from one continues bit-exactly (tests/test_resume_exact.py), so Lightning's advice to save
+            # the state from before the step does not apply.
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
+                                    category=UserWarning)
+            return ProjectCLI(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=None,
+                run=run,
+                parser_kwargs={"parser_mode": "omegaconf"},
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+            )
     finally:
         sys.argv = saved

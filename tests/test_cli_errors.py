@@ -9,7 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
 
 from cf.cli import error_line, main
 from cf.lightning_cli import run_lightning_cli  # imported here: Lightning's log handler binds to the session's stderr
@@ -129,3 +133,55 @@ def test_lightning_cli_gets_the_command_line_without_the_args_warning(fit_env, m
     assert not [m for m in messages if "args parameter is intended" in m], messages
     assert sys.argv == command_line
     assert cli.config["model"]["init_args"]["memory"]["sink"] == 3  # the YAML was read
+
+
+class ManualStepToy(pl.LightningModule):
+    """One linear layer trained with manual optimisation, as the students are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.layer(batch).square().mean())
+        optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PointsData(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 2), batch_size=2)
+
+
+MANUAL_WARNING = "Using ModelCheckpoint with manual optimization"
+
+
+def test_fit_of_a_manually_optimised_module_skips_the_pre_step_checkpoint_warning(tmp_path, monkeypatch):
+    """Lightning warns that a manual-optimisation checkpoint holds the state after the step; `cf fit` means it to
+    (resume continues bit-exactly from it), so the warning is not shown there, and only there."""
+    trainer_args = {"max_steps": 2, "enable_progress_bar": False, "logger": False, "default_root_dir": str(tmp_path)}
+
+    def checkpoint() -> pl.callbacks.ModelCheckpoint:
+        return pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        pl.Trainer(**trainer_args, callbacks=[checkpoint()]).fit(ManualStepToy(), PointsData())
+    assert [w for w in plain if MANUAL_WARNING in str(w.message)]  # what Lightning itself does
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": f"{__name__}.ManualStepToy"}, "data": {"class_path": f"{__name__}.PointsData"},
+        "trainer": {**trainer_args, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                  "init_args": {"dirpath": str(tmp_path / "cli"),
+                                                                "every_n_train_steps": 1}}]}}))
+    monkeypatch.setattr(sys, "argv", ["cf"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_lightning_cli(["fit", "--config", str(config)])
+    assert not [w for w in caught if MANUAL_WARNING in str(w.message)]
+    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["epoch=0-step=2.ckpt"]  # the checkpoint was written
