@@ -160,6 +160,14 @@ def buffered_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Itera
     yield from buffer
 
 
+def _sample_rng(seed: int, kind: str, epoch: Any, sample: dict) -> random.Random:
+    """The random draws of one sample's clip, seeded by its shard's file name and its key: the same dataset draws
+    the same clips wherever its folder lies (the full URL would tie a run's data to the path it was written to)."""
+    url = sample.get("__url__")
+    shard = None if url is None else str(url).rstrip("/").rsplit("/", 1)[-1]
+    return random.Random(_stream_seed(seed, kind, epoch, shard, sample["__key__"]))
+
+
 def _stream_seed(*parts: Any) -> str:
     # random.Random hashes str seeds with SHA-512: stable across processes and Python runs
     return ":".join(str(p) for p in parts)
@@ -289,8 +297,7 @@ class ShardStream(_EpochAware, IterableDataset):
         if cfg.teacher_clips is not None:
             usable = min(len(indices), cfg.max_frames or len(indices))
             draw_epoch = epoch if cfg.clip_start == "random" else "fixed"
-            rng = random.Random(_stream_seed(cfg.seed, "teacher-clip", draw_epoch, sample.get("__url__"),
-                                             sample["__key__"]))
+            rng = _sample_rng(cfg.seed, "teacher-clip", draw_epoch, sample)
             clip = cfg.teacher_clips.draw(usable, rng)
             if clip is None:
                 needed = min(cfg.teacher_clips.min_frames(k) for k in cfg.teacher_clips.kinds if k.weight > 0)
@@ -303,7 +310,7 @@ class ShardStream(_EpochAware, IterableDataset):
             length = cfg.num_frames or min(len(indices), cfg.max_frames or len(indices))
             start = 0
             if cfg.clip_start == "random":
-                rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
+                rng = _sample_rng(cfg.seed, "clip", epoch, sample)
                 start = rng.randint(0, len(indices) - length)
             chosen = indices[start : start + length]
         try:
@@ -349,7 +356,7 @@ class ShardStream(_EpochAware, IterableDataset):
                 return None
             start = 0
             if cfg.clip_start == "random":
-                rng = random.Random(_stream_seed(cfg.seed, "clip", epoch, sample.get("__url__"), sample["__key__"]))
+                rng = _sample_rng(cfg.seed, "clip", epoch, sample)
                 start = rng.randint(0, available - cfg.latent_frames)
             latents = latents[:, start : start + cfg.latent_frames]
         return {"latents": latents.contiguous(), "text": text, "text_length": _json(sample).get("text_length")}

@@ -152,6 +152,29 @@ def test_random_clip_starts_are_seeded_and_valid(tmp_path):
     assert other_starts != starts
 
 
+
+def test_the_same_shards_in_another_folder_draw_the_same_clips(tmp_path):
+    """Clip starts and teacher clips are seeded by the shard's file name, not its full path: a dataset copied to
+    another folder (another run directory, another machine) trains on the same frames."""
+    samples = [numbered_sample(f"k{i}", 12 + 3 * i) for i in range(4)]
+    here, there = tmp_path / "a", tmp_path / "b" / "deeper" / "copy"
+    for folder in (here, there):
+        folder.mkdir(parents=True)
+        write_tar(folder / "shard-000000.tar", samples)
+
+    def draws(folder, **kwargs):
+        dm = VideoDataModule(train_urls=str(folder / "shard-000000.tar"), height=32, width=16, num_workers=0,
+                             resampled=False, shuffle_buffer=0, seed=3, **kwargs)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [(b["key"], numbered_frames(b["video"])[0].tolist()) for _ in range(3) for b in collect(loader)]
+
+    for kwargs in ({"num_frames": 17}, {"num_frames": None, "min_frames": 160, "teacher_clips": PAPER_LONG}):
+        first, copied = draws(here, **kwargs), draws(there, **kwargs)
+        assert first == copied and len(first) >= 9
+        assert len({frames[-1] for _, frames in first}) > 1  # the draws do vary (clip starts, clip ends)
+
+
 # ---------------------------------------------------------------------------------------------------- splitting
 
 
