@@ -35,11 +35,14 @@ __all__ = ["DemoPrompt", "demo_prompts", "score_video", "summarize_models", "wri
            "WINDOW_S", "CLAIM_METRICS"]
 
 WINDOW_S = 10.0
+SETTLE_S = 5.0  # the settled-background drift compares each frame after WINDOW_S with the background at SETTLE_S
 STRIP_COLUMNS = 8
 # (summary key, label, larger is better)
 CLAIM_METRICS = (
     ("unnamed_background_drift_late", "unprompted background colour drift after 10 s, RGB distance (unnamed prompts; "
                                       "lower is better)"),
+    ("unnamed_background_drift_settled", "unprompted background colour drift after 10 s from the background at 5 s, "
+                                         "RGB distance (unnamed prompts; lower is better)"),
     ("unnamed_explained_after_reentry", "unprompted colours kept after re-entry (unnamed prompts)"),
     ("unnamed_explained_before_exit", "unprompted colours kept before the first exit (unnamed prompts)"),
     ("named_background_ratio", "background coverage / held-out clips (named prompts)"),
@@ -110,8 +113,13 @@ def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str,
     drift = reference_free_metrics(frames, fps)["background_colour_drift"]["curve"]
     drift = [float("nan") if v is None else v for v in drift]
     result["background_drift_windows"] = _windowed(drift, fps, WINDOW_S)
-    late = np.asarray(drift[round(WINDOW_S * fps):], dtype=float)
-    result["background_drift_late"] = float(np.nanmean(late)) if np.isfinite(late).any() else None
+    result["background_drift_late"] = _late_mean(drift, round(WINDOW_S * fps))
+    # the same drift measured from the background the video has settled on by SETTLE_S, not from its first second
+    # (a generator's first chunk, drawn from noise, may differ from what it keeps drawing after)
+    start, late = round(SETTLE_S * fps), round(WINDOW_S * fps)
+    settled = reference_free_metrics(frames[start:], fps)["background_colour_drift"]["curve"] if (
+        frames.shape[0] > late) else []
+    result["background_drift_settled"] = _late_mean(settled, late - start)
     pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
     result["flashbacks"] = len(detect_flashbacks(pixel_similarity_to_first_frame(pixels), fps))
     reentry = reentry_consistency(frames, fps)
@@ -119,6 +127,12 @@ def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str,
                                                   "explained_after_reentry", "explained_per_second",
                                                   "identity_colours")}
     return result
+
+
+def _late_mean(curve: Sequence[float | None], start: int) -> float | None:
+    """Mean of ``curve[start:]`` over its finite values (None where there are none)."""
+    late = np.asarray([float("nan") if v is None else v for v in curve[start:]], dtype=float)
+    return float(np.nanmean(late)) if np.isfinite(late).any() else None
 
 
 def autoencoded(frames: np.ndarray, autoencoder: Any) -> np.ndarray:
@@ -158,6 +172,7 @@ def summarize_models(scores: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[
             "named_background_windows": _window_means(named, "background_coverage_windows"),
             "named_sprite_windows": _window_means(named, "sprite_presence_windows"),
             "unnamed_background_drift_late": _mean([r.get("background_drift_late") for r in unnamed]),
+            "unnamed_background_drift_settled": _mean([r.get("background_drift_settled") for r in unnamed]),
             "unnamed_background_drift_windows": _window_means(unnamed, "background_drift_windows"),
             "unnamed_explained_after_reentry": _mean([r["reentry"]["explained_after_reentry"] for r in unnamed]),
             "unnamed_explained_before_exit": _mean([r["reentry"]["explained_before_exit"] for r in unnamed]),
@@ -248,12 +263,13 @@ def write_report(out: Path, summary: Mapping[str, Mapping[str, Any]], strips: Ma
              "(10-30 s), scored the same way.", "",
              "## Prompted and unprompted attributes over the whole video", "",
              "| model | videos | background / dataset | named sprites / dataset | unprompted background drift "
-             "after 10 s | unprompted colours after re-entry | before the first exit | re-entries / exits (unnamed) "
-             "| flashbacks / min |", "|---|---|---|---|---|---|---|---|---|"]
+             "after 10 s | the same from the background at 5 s | unprompted colours after re-entry | before the first "
+             "exit | re-entries / exits (unnamed) | flashbacks / min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, s in summary.items():
         lines.append(f"| {model} | {s['videos']} | {_fmt(s['named_background_ratio'])} "
                      f"({_fmt(s['named_background'])}) | {_fmt(s['named_sprite_ratio'])} ({_fmt(s['named_sprite'])})"
-                     f" | {_fmt(s['unnamed_background_drift_late'], 1)} | {_fmt(s['unnamed_explained_after_reentry'])}"
+                     f" | {_fmt(s['unnamed_background_drift_late'], 1)}"
+                     f" | {_fmt(s['unnamed_background_drift_settled'], 1)} | {_fmt(s['unnamed_explained_after_reentry'])}"
                      f" | {_fmt(s['unnamed_explained_before_exit'])}"
                      f" | {s['unnamed_reentries']} / {s['unnamed_exits']} | {_fmt(s['flashbacks_per_minute'], 1)} |")
     for key, label in (("named_background_windows", "background coverage (named prompts)"),

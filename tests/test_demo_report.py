@@ -118,3 +118,22 @@ def test_the_autoencoded_reference_is_the_clip_through_the_toy_autoencoder() -> 
     dotted = clip.copy()
     dotted[:, 3, 3] = 255 - dotted[:, 3, 3]
     assert not np.array_equal(autoencoded(dotted, ae)[:, 3, 3], dotted[:, 3, 3])
+
+
+def test_settled_drift_skips_a_first_second_unlike_the_rest_and_counts_a_later_change() -> None:
+    """A generator's first chunk may differ from the background it then keeps: the drift from the first second
+    counts that, the drift from the background at 5 s does not; a change after 10 s counts in both."""
+    spec = make_clip_spec(11, min_seconds=20, max_seconds=20)
+    frames = render_clip(spec)
+    prompt = DemoPrompt(0, "unnamed", caption_for(spec, False), all_attributes(spec), "c00_unnamed")
+    steady = score_video(frames, prompt, fps=16)
+    assert steady["background_drift_late"] < 10 and steady["background_drift_settled"] < 10
+    odd_start = frames.copy()
+    odd_start[:16] = 255 - odd_start[:16]  # the first second in negative colours, then the clip as it was
+    first = score_video(odd_start, prompt, fps=16)
+    assert first["background_drift_late"] > 60 and first["background_drift_settled"] < 10
+    later = frames.copy()
+    later[16 * 12:] = np.clip(later[16 * 12:].astype(int) + 60, 0, 255).astype(np.uint8)  # brighter after 12 s
+    moved = score_video(later, prompt, fps=16)
+    assert moved["background_drift_late"] > 60 and moved["background_drift_settled"] > 60
+    assert score_video(frames[: 16 * 9], prompt, fps=16)["background_drift_settled"] is None  # ends before 10 s
