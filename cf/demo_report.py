@@ -117,8 +117,9 @@ def score_video(frames: np.ndarray, prompt: DemoPrompt, fps: float) -> dict[str,
     # the same drift measured from the background the video has settled on by SETTLE_S, not from its first second
     # (a generator's first chunk, drawn from noise, may differ from what it keeps drawing after)
     start, late = round(SETTLE_S * fps), round(WINDOW_S * fps)
-    settled = reference_free_metrics(frames[start:], fps)["background_colour_drift"]["curve"] if (
-        frames.shape[0] > late) else []
+    settled = []
+    if frames.shape[0] > late:
+        settled = reference_free_metrics(frames[start:], fps)["background_colour_drift"]["curve"]
     result["background_drift_settled"] = _late_mean(settled, late - start)
     pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
     result["flashbacks"] = len(detect_flashbacks(pixel_similarity_to_first_frame(pixels), fps))

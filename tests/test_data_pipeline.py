@@ -152,7 +152,6 @@ def test_random_clip_starts_are_seeded_and_valid(tmp_path):
     assert other_starts != starts
 
 
-
 def test_the_same_shards_in_another_folder_draw_the_same_clips(tmp_path):
     """Clip starts and teacher clips are seeded by the shard's file name, not its full path: a dataset copied to
     another folder (another run directory, another machine) trains on the same frames."""
