@@ -3,8 +3,9 @@
 It starts from the shipped toy base model (configs/toy/base/, what Wan2.1 is for the real run) and
 
 1. synthesises the sprite dataset (train / held-out val; a quarter of the captions leave every colour unnamed);
-2. fine-tunes the base with ERFT into the long-context teacher and exports it; scores the base's and the teacher's
-   continuations of held-out clips against their ground truth (`cf.evaluation.continuation`);
+2. fine-tunes the base with ERFT into the long-context teacher, keeps the step checkpoint whose continuations of
+   held-out clips (not those it prompts with) score best (`cf.evaluation.checkpoint_selection`) and scores the
+   base's and the teacher's continuations against their ground truth (`cf.evaluation.continuation`);
 3. distils the student: stage 0 (ODE regression onto the teacher's trajectories) and stage 1 (DMD, 6-frame
    rollouts), then stage 2 with Context Forcing (contextual DMD on long rollouts through the Slow-Fast Memory); the
    baseline of the paper's argument, the same stage 2 with a memoryless short-window teacher and a sliding-window
@@ -117,10 +118,10 @@ def run_demo(cfg: DemoConfig) -> Path:
                     "--data.init_args.val_urls", shard_urls(paths["data"] / "val"),
                     "--trainer.max_steps", str(cfg.teacher_steps)]
     if stale.needs(paths["teacher"], name, command):
-        (paths["teacher"].parent / "continuations.json").unlink(missing_ok=True)  # measured on the old teacher
+        for measured in ("continuations.json", "selection.json"):  # measured on the old teacher
+            (paths["teacher"].parent / measured).unlink(missing_ok=True)
         run_stage(command, env, log, name)
-        ckpt = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
-        run_stage(cf + ["convert", "teacher", str(ckpt), str(paths["teacher"])], env, log, "export teacher")
+        _select_teacher(cfg, paths, out, log)
     teacher_quality = _teacher_quality(cfg, paths, out, log)
 
     # the ERFT teacher's trajectories (the real run uses Wan2.1's, §F.9; on the toy the base's gave fewer sprites)
@@ -251,31 +252,97 @@ class _StaleStages:
         return needed
 
 
-def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:
-    """Continuations of held-out clips by the toy base and the ERFT teacher (same clips, same noise)."""
-    from cf.evaluation.continuation import continuation_quality
+def _load_dit(weights: Path):
+    """A `WanDiT` with ``weights`` (``config.json`` beside them)."""
     from cf.models.wan import WanConfig, WanDiT
-    from cf.teacher_layout import LongLayoutConfig
-    from cf.toy_base import held_out_clips, load_base
     from cf.weights import load_wan_weights
 
-    cached = out / "teacher" / "continuations.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
-    start = time.perf_counter()
+    network = WanDiT(WanConfig(**json.loads((weights.parent / "config.json").read_text())))
+    load_wan_weights(network, weights)
+    return network.eval().requires_grad_(False)
+
+
+def _continuations(cfg: DemoConfig, paths: dict[str, Path]):
+    """(measure(network, clips) -> `continuation_quality` result, the toy base, the held-out clips): continuations
+    with the teacher config's long layout and sampler, the same noise for every network."""
+    from cf.evaluation.continuation import continuation_quality
+    from cf.teacher_layout import LongLayoutConfig
+    from cf.toy_base import held_out_clips, load_base
+
     args = _toy_init_args("teacher_erft.yaml")
     layout = LongLayoutConfig(**args["long_layout"])
     base, autoencoder, text_encoder, _ = load_base(Path(cfg.base).parent)
-    teacher = WanDiT(WanConfig(**json.loads((paths["teacher"].parent / "config.json").read_text())))
-    load_wan_weights(teacher, paths["teacher"])
     clips = held_out_clips(paths["data"] / "val", cfg.teacher_eval_clips, named_only=False)
-    result = {"target_latents": layout.target_latents, "sampling": args["sampling"]}
-    for name, network in (("base", base), ("teacher", teacher)):
-        result[name] = continuation_quality(network, autoencoder, text_encoder, clips, layout, args["sampling"],
-                                            seed=cfg.seed)
-    cached.write_text(json.dumps(result, indent=2))
-    log.append({"stage": "teacher continuations (base vs ERFT)", "seconds": round(time.perf_counter() - start, 1),
-                "command": "cf.evaluation.continuation.continuation_quality"})
+
+    def measure(network, some_clips):
+        return continuation_quality(network, autoencoder, text_encoder, some_clips, layout, args["sampling"],
+                                    seed=cfg.seed)
+
+    return measure, base, clips, {"target_latents": layout.target_latents, "sampling": args["sampling"]}
+
+
+def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: StageLog) -> dict:
+    """Export every step checkpoint of the newest ERFT run, score each one's continuations of the held-out clips
+    the demo does not prompt with (`continuation_fidelity`: the lower of its background and sprite levels as
+    ratios to the true continuations') and keep the best as the teacher; ``teacher/selection.json`` records it."""
+    import re
+
+    from cf.convert import export_teacher
+    from cf.evaluation.checkpoint_selection import continuation_fidelity, select_checkpoint
+
+    start = time.perf_counter()
+    import torch
+
+    last = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
+    steps = {int(m.group(1)): p for p in last.parent.glob("*.ckpt") if (m := re.search(r"step=(\d+)", p.name))}
+    steps.setdefault(int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]), last)
+    candidates = out / "teacher" / "candidates"
+    shutil.rmtree(candidates, ignore_errors=True)
+    measure, _, clips, _ = _continuations(cfg, paths)
+    selection_clips = clips[cfg.num_prompt_clips:]  # the demo's prompts come from the first clips
+    if not selection_clips:
+        raise ValueError(f"no held-out clip left to choose the teacher with: teacher_eval_clips "
+                         f"({cfg.teacher_eval_clips}) must exceed num_prompt_clips ({cfg.num_prompt_clips})")
+
+    def measure_step(step: int) -> dict:
+        weights, _ = export_teacher(steps[step], candidates / f"step_{step:06d}.safetensors")
+        summary = measure(_load_dit(weights), selection_clips)["all"]
+        print(f"teacher step {step}: continuations at {continuation_fidelity(summary):.2f} of the truth "
+              f"(background {summary['background_coverage']:.2f}, sprites {summary['sprite_presence']:.2f}; truth "
+              f"{summary['truth_background_coverage']:.2f}, {summary['truth_sprite_presence']:.2f})", flush=True)
+        return summary
+
+    choice = select_checkpoint(sorted(steps), measure_step, continuation_fidelity)
+    chosen = candidates / f"step_{choice.best:06d}.safetensors"
+    paths["teacher"].parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(candidates / "config.json", paths["teacher"].parent / "config.json")
+    shutil.copyfile(chosen, paths["teacher"])
+    record = {"step": choice.best, "score": choice.score, "clips": len(selection_clips),
+              "rows": [{("step" if k == "candidate" else k): v for k, v in row.items()} for row in choice.rows]}
+    (paths["teacher"].parent / "selection.json").write_text(json.dumps(record, indent=2))
+    log.append({"stage": "teacher checkpoint selection", "seconds": round(time.perf_counter() - start, 1),
+                "command": f"cf.evaluation.checkpoint_selection.select_checkpoint: step {choice.best} of "
+                           f"{sorted(steps)}"})
+    return record
+
+
+def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:
+    """Continuations of held-out clips by the toy base and the ERFT teacher (same clips, same noise), with the
+    checkpoint selection's record."""
+    cached = out / "teacher" / "continuations.json"
+    selection = out / "teacher" / "selection.json"
+    if cached.exists():
+        result = json.loads(cached.read_text())
+    else:
+        start = time.perf_counter()
+        measure, base, clips, result = _continuations(cfg, paths)
+        for name, network in (("base", base), ("teacher", _load_dit(paths["teacher"]))):
+            result[name] = measure(network, clips)
+        cached.write_text(json.dumps(result, indent=2))
+        log.append({"stage": "teacher continuations (base vs ERFT)", "seconds": round(time.perf_counter() - start, 1),
+                    "command": "cf.evaluation.continuation.continuation_quality"})
+    if selection.exists():
+        result["selection"] = json.loads(selection.read_text())
     return result
 
 

@@ -270,7 +270,8 @@ def write_report(out: Path, summary: Mapping[str, Mapping[str, Any]], strips: Ma
         lines.append(f"| {model} | {s['videos']} | {_fmt(s['named_background_ratio'])} "
                      f"({_fmt(s['named_background'])}) | {_fmt(s['named_sprite_ratio'])} ({_fmt(s['named_sprite'])})"
                      f" | {_fmt(s['unnamed_background_drift_late'], 1)}"
-                     f" | {_fmt(s['unnamed_background_drift_settled'], 1)} | {_fmt(s['unnamed_explained_after_reentry'])}"
+                     f" | {_fmt(s['unnamed_background_drift_settled'], 1)}"
+                     f" | {_fmt(s['unnamed_explained_after_reentry'])}"
                      f" | {_fmt(s['unnamed_explained_before_exit'])}"
                      f" | {s['unnamed_reentries']} / {s['unnamed_exits']} | {_fmt(s['flashbacks_per_minute'], 1)} |")
     for key, label in (("named_background_windows", "background coverage (named prompts)"),
@@ -302,6 +303,17 @@ def write_report(out: Path, summary: Mapping[str, Mapping[str, Any]], strips: Ma
         lines.append(f"| true continuation | {truth['clips']} | – | {_fmt(truth['truth_background_coverage'])} | "
                      f"{_fmt(truth['truth_sprite_presence'])} | "
                      f"{_fmt(teacher['teacher']['unnamed_captions']['truth_sprite_presence'])} |")
+        selection = teacher.get("selection")
+        if selection:
+            lines += ["", f"The teacher is the ERFT checkpoint of step {selection['step']}: of the run's step "
+                      f"checkpoints, the one whose continuations of the {selection['clips']} held-out clips the "
+                      "demo does not prompt with score best, by the lower of two ratios to the true continuations "
+                      "(background coverage, sprite presence). Those clips are among the ones above.", "",
+                      "| ERFT step | background / truth | sprites / truth | score |", "|---|---|---|---|"]
+            for row in selection["rows"]:
+                lines.append(f"| {row['step']} | {_fmt(row['background_coverage'] / row['truth_background_coverage'])}"
+                             f" | {_fmt(row['sprite_presence'] / row['truth_sprite_presence'])} | "
+                             f"{_fmt(row['score'])} |")
     lines += ["", "## Frame strips", "",
               f"One row per prompt (named, unnamed, alternating by clip); {STRIP_COLUMNS} frames spread over the "
               "video.", ""]

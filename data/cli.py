@@ -177,7 +177,10 @@ def run_ode_pairs(args: argparse.Namespace) -> None:
     if not weights.exists():
         raise FileNotFoundError(f"teacher weights {weights} do not exist; pass the Wan-layout teacher "
                                 "(`cf convert teacher` output) or Wan2.1 weights")
-    prompts = read_prompt_file(args.prompts)[: args.limit]
+    if args.samples_per_prompt < 1:
+        raise ValueError(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    # trajectory k of prompt i is number i * samples_per_prompt + k: its own noise seed and key
+    prompts = [p for p in read_prompt_file(args.prompts)[: args.limit] for _ in range(args.samples_per_prompt)]
     rank, world = launch_rank_and_world()
     mine = process_share(len(prompts))
     if not mine:
@@ -209,6 +212,8 @@ def register_ode_pairs(data_subparsers: argparse._SubParsersAction) -> argparse.
                    help="DiT config: tiny | wan2.1-1.3b | a config.json (default: config.json beside the weights)")
     p.add_argument("--prompts", required=True, help="text file with one prompt per line")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="trajectories per prompt, each from its own noise (default 1)")
     p.add_argument("--out", required=True, help="output pattern with one integer field, e.g. out/ode-%%06d.tar")
     p.add_argument("--text-encoder", default="hashed", help="'hashed' or a local umT5 folder (default hashed)")
     p.add_argument("--text-encoder-args", type=json_object, default={},

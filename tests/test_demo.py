@@ -19,6 +19,9 @@ def test_quick_demo_writes_report_with_tables_strips_plots_and_videos(tmp_path):
     text = report.read_text()
     assert "| model | videos | background / dataset |" in text
     assert "before and after ERFT" in text and "| base |" in text and "| teacher |" in text
+    selection = json.loads((out / "teacher" / "selection.json").read_text())
+    assert f"The teacher is the ERFT checkpoint of step {selection['step']}" in text
+    assert selection["step"] == 20 and [row["step"] for row in selection["rows"]] == [20]  # --quick: 20 steps
     for png in [*(out / "plots").glob("*.png"), *(out / "strips").glob("*.png")]:
         assert png.relative_to(out).as_posix() in text
     assert {p.stem for p in (out / "strips").glob("*.png")} == {"dataset", "dataset_autoencoded", "context_forcing",

@@ -163,6 +163,29 @@ def test_ode_pairs_command(teacher_file, tmp_path):
         bad.func(bad)
 
 
+def test_ode_pairs_several_trajectories_per_prompt(teacher_file, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    parser = argparse.ArgumentParser()
+    register_ode_pairs(parser.add_subparsers())
+
+    def pairs(name: str, *extra: str) -> list[dict]:
+        args = parser.parse_args([
+            "ode-pairs", "--teacher", str(teacher_file), "--network", "tiny", "--prompts",
+            str(tmp_path / "prompts.txt"), "--out", str(tmp_path / name / "ode-%06d.tar"), "--num-frames", "3",
+            "--latent-size", "4", "4", "--num-steps", "4", "--stored-steps", "0", "1", "2", "3",
+            "--text-encoder-args", json.dumps(TEXT), *extra])
+        args.func(args)
+        return list(ODEPairStream(str(tmp_path / name / "ode-000000.tar"), resampled=False, shuffle_buffer=0))
+
+    one, three = pairs("one"), pairs("three", "--samples-per-prompt", "3")
+    assert [b["caption"][0] for b in three] == ["a red circle"] * 3 + ["a blue square"] * 3
+    starts = [b["ode"][0, 0] for b in three]  # the noise each trajectory starts from
+    assert all(not torch.equal(starts[i], starts[j]) for i in range(6) for j in range(i))
+    torch.testing.assert_close(three[0]["ode"], one[0]["ode"])  # trajectory 0 of prompt 0 keeps its noise seed
+    with pytest.raises(ValueError, match="samples-per-prompt"):
+        pairs("none", "--samples-per-prompt", "0")
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="stored_steps"):
         ODEPairConfig(num_steps=10, stored_steps=(0, 12))
