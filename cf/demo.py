@@ -287,12 +287,13 @@ def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: Sta
     ratios to the true continuations') and keep the best as the teacher; ``teacher/selection.json`` records it."""
     import re
 
+    import torch
+
+    from cf.atomic import atomic_path, atomic_write_text
     from cf.convert import export_teacher
     from cf.evaluation.checkpoint_selection import continuation_fidelity, select_checkpoint
 
     start = time.perf_counter()
-    import torch
-
     last = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
     steps = {int(m.group(1)): p for p in last.parent.glob("*.ckpt") if (m := re.search(r"step=(\d+)", p.name))}
     steps.setdefault(int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]), last)
@@ -315,11 +316,12 @@ def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: Sta
     choice = select_checkpoint(sorted(steps), measure_step, continuation_fidelity)
     chosen = candidates / f"step_{choice.best:06d}.safetensors"
     paths["teacher"].parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(candidates / "config.json", paths["teacher"].parent / "config.json")
-    shutil.copyfile(chosen, paths["teacher"])
+    atomic_write_text(paths["teacher"].parent / "config.json", (candidates / "config.json").read_text())
     record = {"step": choice.best, "score": choice.score, "clips": len(selection_clips),
               "rows": [{("step" if k == "candidate" else k): v for k, v in row.items()} for row in choice.rows]}
-    (paths["teacher"].parent / "selection.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(paths["teacher"].parent / "selection.json", json.dumps(record, indent=2))
+    with atomic_path(paths["teacher"]) as temporary:  # written last: the stage's output, never half-copied
+        shutil.copyfile(chosen, temporary)
     log.append({"stage": "teacher checkpoint selection", "seconds": round(time.perf_counter() - start, 1),
                 "command": f"cf.evaluation.checkpoint_selection.select_checkpoint: step {choice.best} of "
                            f"{sorted(steps)}"})
