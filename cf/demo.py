@@ -252,16 +252,6 @@ class _StaleStages:
         return needed
 
 
-def _load_dit(weights: Path):
-    """A `WanDiT` with ``weights`` (``config.json`` beside them)."""
-    from cf.models.wan import WanConfig, WanDiT
-    from cf.weights import load_wan_weights
-
-    network = WanDiT(WanConfig(**json.loads((weights.parent / "config.json").read_text())))
-    load_wan_weights(network, weights)
-    return network.eval().requires_grad_(False)
-
-
 def _continuations(cfg: DemoConfig, paths: dict[str, Path]):
     """(measure(network, clips) -> `continuation_quality` result, the toy base, the held-out clips): continuations
     with the teacher config's long layout and sampler, the same noise for every network."""
@@ -292,6 +282,7 @@ def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: Sta
     from cf.atomic import atomic_path, atomic_write_text
     from cf.convert import export_teacher
     from cf.evaluation.checkpoint_selection import continuation_fidelity, select_checkpoint
+    from cf.toy_base import load_dit
 
     start = time.perf_counter()
     last = newest_file("teacher_erft_toy/version_*/checkpoints/last.ckpt", out / "logs")
@@ -307,7 +298,7 @@ def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: Sta
 
     def measure_step(step: int) -> dict:
         weights, _ = export_teacher(steps[step], candidates / f"step_{step:06d}.safetensors")
-        summary = measure(_load_dit(weights), selection_clips)["all"]
+        summary = measure(load_dit(weights), selection_clips)["all"]
         print(f"teacher step {step}: continuations at {continuation_fidelity(summary):.2f} of the truth "
               f"(background {summary['background_coverage']:.2f}, sprites {summary['sprite_presence']:.2f}; truth "
               f"{summary['truth_background_coverage']:.2f}, {summary['truth_sprite_presence']:.2f})", flush=True)
@@ -331,6 +322,8 @@ def _select_teacher(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: Sta
 def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: list) -> dict:
     """Continuations of held-out clips by the toy base and the ERFT teacher (same clips, same noise), with the
     checkpoint selection's record."""
+    from cf.toy_base import load_dit
+
     cached = out / "teacher" / "continuations.json"
     selection = out / "teacher" / "selection.json"
     if cached.exists():
@@ -338,7 +331,7 @@ def _teacher_quality(cfg: DemoConfig, paths: dict[str, Path], out: Path, log: li
     else:
         start = time.perf_counter()
         measure, base, clips, result = _continuations(cfg, paths)
-        for name, network in (("base", base), ("teacher", _load_dit(paths["teacher"]))):
+        for name, network in (("base", base), ("teacher", load_dit(paths["teacher"]))):
             result[name] = measure(network, clips)
         cached.write_text(json.dumps(result, indent=2))
         log.append({"stage": "teacher continuations (base vs ERFT)", "seconds": round(time.perf_counter() - start, 1),

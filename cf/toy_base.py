@@ -38,7 +38,8 @@ CONFIG = REPO / "configs" / "toy" / "base.yaml"
 WEIGHTS_DIR = REPO / "configs" / "toy" / "base"
 WEIGHTS_NAME = "base.safetensors"
 
-__all__ = ["BaseMeasureConfig", "held_out_clips", "load_base", "model_init_args", "sample_base", "measure_base", "run_toy_base"]
+__all__ = ["BaseMeasureConfig", "held_out_clips", "load_base", "load_dit", "model_init_args", "sample_base",
+           "measure_base", "run_toy_base"]
 
 
 @dataclass
@@ -96,22 +97,29 @@ def held_out_clips(val_dir: str | Path, limit: int, named_only: bool = True) -> 
     return clips
 
 
-def load_base(weights_dir: str | Path = WEIGHTS_DIR, config_path: str | Path = CONFIG):
-    """(DiT with the base weights, autoencoder, text encoder, model args of the config) for sampling."""
-    from cf.encoders import build_autoencoder, build_text_encoder
+def load_dit(weights: str | Path):
+    """A frozen `WanDiT` in eval mode with the Wan-layout ``weights``, built from the ``config.json`` beside them
+    (the toy base, an exported toy teacher)."""
     from cf.models.wan import WanConfig, WanDiT
     from cf.weights import load_wan_weights
 
-    weights_dir = Path(weights_dir)
-    weights = weights_dir / WEIGHTS_NAME
+    weights = Path(weights)
+    network = WanDiT(WanConfig(**json.loads((weights.parent / "config.json").read_text())))
+    load_wan_weights(network, weights)
+    return network.eval().requires_grad_(False)
+
+
+def load_base(weights_dir: str | Path = WEIGHTS_DIR, config_path: str | Path = CONFIG):
+    """(DiT with the base weights, autoencoder, text encoder, model args of the config) for sampling."""
+    from cf.encoders import build_autoencoder, build_text_encoder
+
+    weights = Path(weights_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no base weights at {weights}; train them with `cf toy-base`")
     args = model_init_args(config_path)
-    network = WanDiT(WanConfig(**json.loads((weights_dir / "config.json").read_text())))
-    load_wan_weights(network, weights)
     autoencoder = build_autoencoder(args["autoencoder"], **(args.get("autoencoder_args") or {}))
     text_encoder = build_text_encoder(args["text_encoder"], **(args.get("text_encoder_args") or {}))
-    return network.eval().requires_grad_(False), autoencoder, text_encoder, args
+    return load_dit(weights), autoencoder, text_encoder, args
 
 
 @torch.no_grad()
