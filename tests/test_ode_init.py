@@ -14,7 +14,8 @@ from torch import nn
 from cf.diffusion import sampling_sigmas, shift_sigma
 from cf.encoders import HashedTextEncoder
 from cf.lit.ode_init import ODEInitStudent, ode_regression_inputs, ode_regression_loss
-from cf.models.wan import WanConfig, WanDiT
+from cf.models.kv_cache import GrowingKVCache
+from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
 from cf.weights import read_state_dict, save_wan_weights
 from data.cli import register_ode_pairs
 from data.ode_pairs import (
@@ -111,6 +112,55 @@ def test_regression_inputs_pick_one_stored_state_per_chunk():
     torch.testing.assert_close(t, timesteps[index])
     with pytest.raises(ValueError, match="denoising steps"):
         ode_regression_inputs(trajectory, timesteps[:3], 3)
+
+
+def test_clean_context_chunks_are_the_clean_latent_at_t0_and_never_the_last():
+    b, k, c, frames = 4000, 4, 1, 9
+    trajectory = torch.arange(k + 1, dtype=torch.float32).view(1, k + 1, 1, 1, 1, 1).expand(b, k + 1, c, frames, 1, 1)
+    timesteps = torch.tensor([1000.0, 937.5, 833.3, 625.0])
+    plain = ode_regression_inputs(trajectory, timesteps, 3, torch.Generator().manual_seed(5))
+    same = ode_regression_inputs(trajectory, timesteps, 3, torch.Generator().manual_seed(5), clean_context_prob=0.0)
+    assert torch.equal(plain[2], same[2])  # p = 0 draws exactly what the plain recipe draws
+    x, t, index = ode_regression_inputs(trajectory, timesteps, 3, torch.Generator().manual_seed(5),
+                                        clean_context_prob=0.4)
+    per_chunk = index[:, ::3]
+    clean = per_chunk == k
+    assert not clean[:, -1].any()
+    assert abs(clean[:, :-1].float().mean().item() - 0.4) < 0.03
+    # a clean chunk holds the final latent at t = 0; the other chunks hold a stored state at its timestep
+    torch.testing.assert_close(x[:, 0, :, 0, 0], index.float())
+    torch.testing.assert_close(t[index == k], torch.zeros(int((index == k).sum())))
+    torch.testing.assert_close(t[index < k], timesteps[index[index < k]])
+    with pytest.raises(ValueError, match="clean_context_prob"):
+        ode_regression_inputs(trajectory, timesteps, 3, clean_context_prob=1.0)
+
+
+def test_clean_context_loss_equals_the_chunk_by_chunk_inference_path():
+    """The block-causal loss with clean context chunks equals a reference run through the KV cache chunk by chunk
+    (a clean chunk is a commit pass at t = 0, as at inference), with the error averaged over the noisy chunks."""
+    torch.manual_seed(6)
+    student = CausalWanDiT(TINY, frames_per_chunk=3).eval()
+    trajectory = torch.randn(3, 5, TINY.in_dim, 9, 4, 4)
+    text = torch.randn(3, 8, TINY.text_dim)
+    timesteps = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    with torch.no_grad():
+        loss = ode_regression_loss(student, trajectory, text, timesteps, torch.Generator().manual_seed(7),
+                                   clean_context_prob=0.5)
+        x, t, index = ode_regression_inputs(trajectory, timesteps, 3, torch.Generator().manual_seed(7), 0.5)
+        assert (index == 4).any() and (index < 4).any()
+        total, count = 0.0, 0
+        for i in range(3):
+            cache = GrowingKVCache(TINY.num_layers)
+            text_kv = student.text_kv(text[i:i + 1])
+            for s in range(0, 9, 3):
+                chunk_t = t[i:i + 1, s]
+                flow = student.forward_chunk(x[i:i + 1, :, s:s + 3], chunk_t, text_kv, cache, s,
+                                             commit=bool(chunk_t == 0))
+                if chunk_t.item() > 0:
+                    x0 = x[i:i + 1, :, s:s + 3] - chunk_t.view(1, 1, 1, 1, 1) / 1000.0 * flow
+                    total += (x0 - trajectory[i:i + 1, -1, :, s:s + 3]).square().sum().item()
+                    count += x0.numel()
+    assert abs(loss.item() - total / count) <= 1e-4 * total / count
 
 
 def test_regression_loss_falls(teacher_file, tmp_path):

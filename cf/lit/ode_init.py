@@ -30,11 +30,15 @@ __all__ = ["ODEInitStudent", "ode_regression_inputs", "ode_regression_loss"]
 
 
 def ode_regression_inputs(trajectory: Tensor, timesteps: Tensor, frames_per_chunk: int,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          generator: torch.Generator | None = None,
+                          clean_context_prob: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Per-chunk random step indices and the matching inputs.
 
     trajectory ``[B, K + 1, C, T, h, w]`` (K stored states, then the clean latent); timesteps ``[K]`` (the
-    student's timestep for each stored state). Returns (x ``[B, C, T, h, w]``, t ``[B, T]``, index ``[B, T]``).
+    student's timestep for each stored state). With ``clean_context_prob`` p > 0, each chunk but the last is
+    replaced, with probability p, by the clean latent at t = 0 (index K): the chunks after it then see a clean
+    history, as they do at inference after the commit pass. Returns (x ``[B, C, T, h, w]``, t ``[B, T]``,
+    index ``[B, T]``); frames with index K carry no loss.
     """
     if trajectory.dim() != 6:
         raise ValueError(f"trajectory must be [B, K + 1, C, T, h, w], got shape {tuple(trajectory.shape)}")
@@ -47,23 +51,36 @@ def ode_regression_inputs(trajectory: Tensor, timesteps: Tensor, frames_per_chun
         raise ValueError(f"{frames} frames do not split into chunks of {frames_per_chunk}")
     chunks = frames // frames_per_chunk
     draw_device = generator.device if generator is not None else trajectory.device
-    index = torch.randint(0, k, (b, chunks), generator=generator, device=draw_device).to(trajectory.device)
-    index = index.repeat_interleave(frames_per_chunk, dim=1)  # [B, T]
+    if not 0.0 <= clean_context_prob < 1.0:
+        raise ValueError(f"clean_context_prob must be in [0, 1), got {clean_context_prob}")
+    index = torch.randint(0, k, (b, chunks), generator=generator, device=draw_device)
+    if clean_context_prob > 0:
+        clean = torch.rand((b, chunks), generator=generator, device=draw_device) < clean_context_prob
+        clean[:, -1] = False  # the last chunk always carries the loss
+        index = torch.where(clean, torch.full_like(index, k), index)
+    index = index.to(trajectory.device).repeat_interleave(frames_per_chunk, dim=1)  # [B, T]
     per_frame = trajectory.permute(0, 3, 1, 2, 4, 5)  # [B, T, K + 1, C, h, w]
     gathered = torch.take_along_dim(per_frame, index[:, :, None, None, None, None], dim=2)[:, :, 0]
     x = gathered.permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
-    t = timesteps.to(trajectory.device, torch.float32)[index]
+    with_clean = torch.cat([timesteps.float(), timesteps.new_zeros(1, dtype=torch.float32)])  # [K + 1], t = 0 last
+    t = with_clean.to(trajectory.device)[index]
     return x, t, index
 
 
 def ode_regression_loss(generator: CausalWanDiT, trajectory: Tensor, text: Tensor, timesteps: Tensor,
-                        rng: torch.Generator | None = None, local_window_frames: int | None = None) -> Tensor:
-    """MSE between the student's x̂0 (block-causal forward on the per-chunk inputs) and the final latent."""
-    x, t, _ = ode_regression_inputs(trajectory, timesteps, generator.frames_per_chunk, rng)
+                        rng: torch.Generator | None = None, local_window_frames: int | None = None,
+                        clean_context_prob: float = 0.0) -> Tensor:
+    """MSE between the student's x̂0 (block-causal forward on the per-chunk inputs) and the final latent, over
+    the frames that are not clean context (`ode_regression_inputs`)."""
+    x, t, index = ode_regression_inputs(trajectory, timesteps, generator.frames_per_chunk, rng, clean_context_prob)
     dtype = generator.patch_embedding.weight.dtype
     flow = generator.forward_block_causal(x.to(dtype), t, text.to(dtype), local_window_frames)
     x0 = flow_to_x0(x.float(), flow.float(), t / 1000.0)
-    return F.mse_loss(x0, trajectory[:, -1].float())
+    if clean_context_prob == 0:
+        return F.mse_loss(x0, trajectory[:, -1].float())
+    noisy = (index < len(timesteps)).float()[:, None, :, None, None]  # [B, 1, T, 1, 1]
+    error = (x0 - trajectory[:, -1].float()).square() * noisy
+    return error.sum() / (noisy.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
 class ODEInitStudent(pl.LightningModule):
@@ -76,6 +93,8 @@ class ODEInitStudent(pl.LightningModule):
         denoising_steps / timestep_shift / warp_denoising_steps: the student's few-step list (§B.3); the k-th
             stored state of a trajectory is paired with its k-th (warped) timestep.
         local_window_frames: attention window of the block-causal mask (None: full history, §I.20).
+        clean_context_prob: probability that a chunk (not the last) is given clean at t = 0 as context for the
+            chunks after it, as the inference commit pass gives it (0: Self-Forcing's recipe, all chunks noisy).
         lr / betas / weight_decay: AdamW (clip with the Trainer's ``gradient_clip_val``).
         gradient_checkpointing: recompute DiT blocks in backward.
         seed: seed of the step-index draws.
@@ -93,6 +112,7 @@ class ODEInitStudent(pl.LightningModule):
         timestep_shift: float = 5.0,
         warp_denoising_steps: bool = True,
         local_window_frames: int | None = None,
+        clean_context_prob: float = 0.0,
         lr: float = 2e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -118,6 +138,8 @@ class ODEInitStudent(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if local_window_frames is not None and local_window_frames < frames_per_chunk:
             raise ValueError(f"local_window_frames must be >= frames_per_chunk ({frames_per_chunk}) or null")
+        if not 0.0 <= clean_context_prob < 1.0:
+            raise ValueError(f"clean_context_prob must be in [0, 1), got {clean_context_prob}")
         steps = [float(s) for s in denoising_steps]
         self.timesteps = warp_timesteps(denoising_steps, timestep_shift).float() if warp_denoising_steps \
             else torch.tensor(steps)
@@ -139,7 +161,8 @@ class ODEInitStudent(pl.LightningModule):
 
     def _loss(self, batch: Mapping[str, Any], rng: torch.Generator) -> Tensor:
         return ode_regression_loss(self.generator, batch["ode"].to(self.device), batch["text"].to(self.device),
-                                   self.timesteps, rng, self.hparams.local_window_frames)
+                                   self.timesteps, rng, self.hparams.local_window_frames,
+                                   self.hparams.clean_context_prob)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         rng = torch.Generator(device=self.device).manual_seed(
