@@ -16,7 +16,7 @@ from cf.encoders import HashedTextEncoder
 from cf.lit.ode_init import ODEInitStudent, ode_regression_inputs, ode_regression_loss
 from cf.models.kv_cache import GrowingKVCache
 from cf.models.wan import CausalWanDiT, WanConfig, WanDiT
-from cf.weights import read_state_dict, save_wan_weights
+from cf.weights import read_state_dict
 from data.cli import register_ode_pairs
 from data.ode_pairs import (
     ODEPairConfig,
@@ -28,10 +28,6 @@ from data.ode_pairs import (
 
 TINY = WanConfig.tiny()
 TEXT = {"dim": 32, "max_length": 8}
-
-
-
-
 
 
 class LinearFlow(nn.Module):
