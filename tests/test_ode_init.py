@@ -239,3 +239,5 @@ def test_bad_settings_are_named(tmp_path):
         ODEPairStream(str(tmp_path / "none-000000.tar"))
     with pytest.raises(FileNotFoundError, match="init_weights"):
         ODEInitStudent(network=TINY, init_weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="clean_context_prob"):
+        ODEInitStudent(network=TINY, clean_context_prob=1.0)

@@ -29,6 +29,11 @@ from cf.models.wan import CausalWanDiT, WanConfig
 __all__ = ["ODEInitStudent", "ode_regression_inputs", "ode_regression_loss"]
 
 
+def _check_clean_context_prob(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"clean_context_prob must be in [0, 1) (the last chunk always carries the loss), got {p}")
+
+
 def ode_regression_inputs(trajectory: Tensor, timesteps: Tensor, frames_per_chunk: int,
                           generator: torch.Generator | None = None,
                           clean_context_prob: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,13 +56,12 @@ def ode_regression_inputs(trajectory: Tensor, timesteps: Tensor, frames_per_chun
         raise ValueError(f"{frames} frames do not split into chunks of {frames_per_chunk}")
     chunks = frames // frames_per_chunk
     draw_device = generator.device if generator is not None else trajectory.device
-    if not 0.0 <= clean_context_prob < 1.0:
-        raise ValueError(f"clean_context_prob must be in [0, 1), got {clean_context_prob}")
+    _check_clean_context_prob(clean_context_prob)
     index = torch.randint(0, k, (b, chunks), generator=generator, device=draw_device)
     if clean_context_prob > 0:
         clean = torch.rand((b, chunks), generator=generator, device=draw_device) < clean_context_prob
         clean[:, -1] = False  # the last chunk always carries the loss
-        index = torch.where(clean, torch.full_like(index, k), index)
+        index = index.masked_fill(clean, k)
     index = index.to(trajectory.device).repeat_interleave(frames_per_chunk, dim=1)  # [B, T]
     per_frame = trajectory.permute(0, 3, 1, 2, 4, 5)  # [B, T, K + 1, C, h, w]
     gathered = torch.take_along_dim(per_frame, index[:, :, None, None, None, None], dim=2)[:, :, 0]
@@ -80,7 +84,7 @@ def ode_regression_loss(generator: CausalWanDiT, trajectory: Tensor, text: Tenso
         return F.mse_loss(x0, trajectory[:, -1].float())
     noisy = (index < len(timesteps)).float()[:, None, :, None, None]  # [B, 1, T, 1, 1]
     error = (x0 - trajectory[:, -1].float()).square() * noisy
-    return error.sum() / (noisy.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
+    return error.sum() / noisy.expand_as(error).sum()
 
 
 class ODEInitStudent(pl.LightningModule):
@@ -138,8 +142,7 @@ class ODEInitStudent(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if local_window_frames is not None and local_window_frames < frames_per_chunk:
             raise ValueError(f"local_window_frames must be >= frames_per_chunk ({frames_per_chunk}) or null")
-        if not 0.0 <= clean_context_prob < 1.0:
-            raise ValueError(f"clean_context_prob must be in [0, 1), got {clean_context_prob}")
+        _check_clean_context_prob(clean_context_prob)
         steps = [float(s) for s in denoising_steps]
         self.timesteps = warp_timesteps(denoising_steps, timestep_shift).float() if warp_denoising_steps \
             else torch.tensor(steps)
